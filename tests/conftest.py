@@ -23,14 +23,22 @@ def load_script(stem):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_default_dtype():
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
     """Tests run on 2-core CI boxes shared with other jobs: one torch thread is the
-    fastest and makes timings irrelevant to results. Restore global state afterwards."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    fastest there. Session-scoped, so module- and session-scoped fixtures (which
+    train small models) get it too."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    """Float64 tests set the default dtype; never let that leak into the next test."""
+    dtype = torch.get_default_dtype()
+    yield
     torch.set_default_dtype(dtype)
 
 
