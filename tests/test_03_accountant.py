@@ -1,0 +1,295 @@
+"""Tests for 03_accountant.py: the RDP accountant, calibration and the tight (PLD) accountant.
+
+Reference values come from (a) numbers published in the test suites of TF-Privacy and Opacus,
+(b) Opacus 1.6.0 and dp_accounting 0.6.0 run ONCE in a scratch venv (never a dependency here),
+(c) an independent oracle: numpy quadrature of the defining expectation, and closed forms.
+A DP accountant that under-reports epsilon is a security bug, hence the one-sided checks."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' default
+
+
+def oracle_rdp(q, sigma, alpha, n=200001):
+    """RDP by numerical integration of its definition, independent of the series:
+    A - 1 = E_{x ~ N(0, s^2)}[(1 - q + q r)^a - 1 - a q (r - 1)],  r = N(1,s^2)/N(0,s^2) at x.
+    The subtracted term has mean 0 (E r = 1) and keeps tiny-q results from cancelling.
+    The trapezoid rule on an analytic, Gaussian-decaying integrand is accurate to ~1e-12."""
+    x = np.linspace(-14 * sigma, alpha + 14 * sigma, n)  # r^a N(0,s^2) is centred at x = a
+    r_minus_1 = np.expm1((2 * x - 1) / (2 * sigma**2))
+    integrand = np.expm1(alpha * np.log1p(q * r_minus_1)) - alpha * q * r_minus_1
+    density = np.exp(-x**2 / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+    return math.log1p(np.sum(integrand * density) * (x[1] - x[0])) / (alpha - 1)
+
+
+def eps_rdp(acc, q, sigma, steps, delta, orders=None):
+    orders = acc.DEFAULT_ORDERS if orders is None else orders
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return acc.get_privacy_spent(orders, acc.compute_rdp(q, sigma, steps, orders), delta)[0]
+
+
+# ---------------------------------------------------------------- published reference values
+def test_published_rdp_tf_privacy(accountant):
+    # TF-Privacy rdp_accountant_test: compute_rdp(q=0.1, sigma=2, steps=10, order=5) ~ 0.07737;
+    # dp_accounting 0.6.0 and Opacus 1.6.0 both give 0.07736968 (scratch venv).
+    assert accountant.compute_rdp(0.1, 2.0, 10, [5])[0] == pytest.approx(0.07736968, rel=1e-6)
+
+
+def test_published_epsilon_opacus(accountant):
+    # Opacus tests (RDP accountant): sigma=1.5, q=0.04, 2250 steps, delta=1e-5, its default
+    # orders -> eps ~ 7.32911117143 (Opacus 1.6.0 gives 7.3291111714386545, best order 3.9).
+    rdp = accountant.compute_rdp(0.04, 1.5, 2250, OPACUS_ORDERS)
+    eps, order = accountant.get_privacy_spent(OPACUS_ORDERS, rdp, 1e-5)
+    assert eps == pytest.approx(7.32911117143, rel=1e-9)
+    assert order == 3.9
+
+
+def test_balle_conversion_published_and_edge_warning(accountant):
+    # TF-Privacy / dp_accounting tests: constant RDP 1.1 on orders 2..32, delta=1e-5, Balle et al.
+    # 2020 conversion -> eps 1.32783806176 at order 32 (dp_accounting 0.6.0: 1.327838061755436).
+    orders = list(range(2, 33))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eps, order = accountant.get_privacy_spent(orders, [1.1] * len(orders), 1e-5)
+    assert eps == pytest.approx(1.32783806176, rel=1e-10)
+    assert order == 32
+    assert any("edge of the order grid" in str(w.message) for w in caught)  # 32 is the last
+
+
+def test_mironov_conversion_is_looser_than_balle(accountant):
+    orders = accountant.DEFAULT_ORDERS
+    rdp = accountant.compute_rdp(1 / 15, 2.5, 4500, orders)
+    mironov = accountant.eps_from_rdp_mironov2017(orders, rdp, 1e-5)
+    balle = accountant.eps_from_rdp_balle2020(orders, rdp, 1e-5)
+    assert np.all(balle < mironov)
+    # at one order, by hand: eps = rdp + log(1/delta)/(a - 1)
+    assert mironov[0] == pytest.approx(rdp[0] + math.log(1e5) / (orders[0] - 1), rel=1e-12)
+
+
+# ---------------------------------------------------------------- where libraries disagree
+# Fractional orders: dp_accounting 0.6.0 returns a loose upper bound (it does not cancel the
+# alternating terms); Opacus 1.6.0 is right. Values from the scratch venv, per step.
+@pytest.mark.parametrize("q, sigma, alpha, dp_accounting, opacus", [
+    (0.1, 5.0, 1.25, 6.796212397115231e-04, 2.5430893195983306e-04),
+    (0.1, 2.0, 1.5, 2.7267112617512823e-03, 2.0989345958862746e-03),
+    (0.5, 1.0, 2.5, 0.5116982957314943, 0.5105603809236542),
+    (0.01, 1.0, 7.3, 7.584457515459909e-04, 7.584451070487351e-04),
+])
+def test_fractional_orders_oracle_decides(accountant, q, sigma, alpha, dp_accounting, opacus):
+    truth = oracle_rdp(q, sigma, alpha)
+    ours = accountant.rdp_subsampled_gaussian(q, sigma, alpha)[0]
+    assert ours == pytest.approx(truth, rel=1e-9, abs=0)
+    assert opacus == pytest.approx(truth, rel=1e-9, abs=0)
+    assert abs(dp_accounting / truth - 1) > 1e-7  # the oracle really separates the two
+
+
+# Tiny q: A_a - 1 ~ 1e-9 cancels in float64 unless summed directly. Here Opacus 1.6.0 is off by
+# 1e-7..1e-5 relative and dp_accounting 0.6.0 is right (to < 4e-9; the oracle is good to ~1e-10).
+@pytest.mark.parametrize("q, sigma, alpha, dp_accounting, opacus", [
+    (1e-5, 1.0, 7.3, 6.272627192332565e-10, 6.272627719482811e-10),
+    (1e-5, 2.0, 10.9, 1.5479813556531013e-10, 1.5479818567538338e-10),
+    (1e-5, 5.0, 2.5, 5.101347810337049e-12, 5.1014236660902954e-12),
+])
+def test_tiny_q_oracle_decides(accountant, q, sigma, alpha, dp_accounting, opacus):
+    truth = oracle_rdp(q, sigma, alpha)  # abs=0 below: pytest.approx's default abs is 1e-12
+    ours = accountant.rdp_subsampled_gaussian(q, sigma, alpha)[0]
+    assert ours == pytest.approx(truth, rel=1e-8, abs=0)
+    assert dp_accounting == pytest.approx(truth, rel=1e-8, abs=0)
+    assert abs(opacus / truth - 1) > 5e-8
+
+
+def test_tiny_q_large_sigma_needs_a_minus_1(accountant):
+    # q = 1e-5, sigma = 20, a = 1.5: A_a - 1 ~ 1e-13. Summing A_a itself loses everything
+    # below 1e-16; both libraries drift (dp_accounting 0.6.0 by 1e-3, Opacus 1.6.0 by 2e-2).
+    truth = oracle_rdp(1e-5, 20.0, 1.5)
+    ours = accountant.rdp_subsampled_gaussian(1e-5, 20.0, 1.5)[0]
+    assert ours == pytest.approx(truth, rel=1e-7, abs=0)  # abs=0: values are ~1e-13
+    for library in (1.8798642720276404e-13, 1.8474111129762605e-13):  # dp_accounting, Opacus
+        assert abs(library / truth - 1) > 1e-4
+
+
+@pytest.mark.parametrize("q, sigma, alpha", [
+    (1e-5, 1.0, 8), (1e-3, 0.8, 2), (1 / 15, 2.5, 5), (1 / 15, 80.0, 64), (0.5, 1.0, 20),
+    (0.04, 1.5, 1.1), (1 / 15, 80.0, 10.5), (0.99, 3.0, 3.3),
+])
+def test_rdp_matches_oracle(accountant, q, sigma, alpha):
+    assert accountant.rdp_subsampled_gaussian(q, sigma, alpha)[0] == pytest.approx(
+        oracle_rdp(q, sigma, alpha), rel=1e-9, abs=0)
+
+
+# ---------------------------------------------------------------- properties
+def test_special_cases_q0_and_q1(accountant):
+    orders = np.array([1.5, 2, 7.3, 32, 256])
+    assert np.all(accountant.rdp_subsampled_gaussian(0.0, 1.3, orders) == 0)
+    assert np.allclose(accountant.rdp_subsampled_gaussian(1.0, 1.3, orders), orders / (2 * 1.3**2))
+    # q -> 1 from below meets the Gaussian mechanism continuously (series and q = 1 branch agree)
+    assert np.allclose(accountant.rdp_subsampled_gaussian(1 - 1e-9, 1.3, orders),
+                       orders / (2 * 1.3**2), rtol=1e-6)
+
+
+def test_epsilon_grows_with_steps_and_falls_with_sigma(accountant):
+    steps = [1, 10, 100, 1000, 4500, 20000]
+    eps_steps = [eps_rdp(accountant, 1 / 15, 2.5, t, 1e-5) for t in steps]
+    assert np.all(np.diff(eps_steps) > 0)
+    sigmas = [0.7, 1.0, 2.5, 10.0, 80.0, 300.0]
+    eps_sigmas = [eps_rdp(accountant, 1 / 15, s, 4500, 1e-5) for s in sigmas]
+    assert np.all(np.diff(eps_sigmas) < 0)
+
+
+def test_composition_adds(accountant):
+    acc, orders = accountant, accountant.DEFAULT_ORDERS
+    one = acc.compute_rdp(0.02, 1.1, 1, orders)
+    assert np.allclose(acc.compute_rdp(0.02, 1.1, 700, orders), 700 * one, rtol=1e-12)
+    schedule = [(0.02, 1.1, 300), (0.05, 2.0, 50), (0.02, 1.1, 400)]
+    expected = 700 * one + acc.compute_rdp(0.05, 2.0, 50, orders)
+    assert np.allclose(acc.compute_rdp_schedule(schedule, orders), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("target, delta, q, steps", [
+    (10, 1e-5, 1 / 15, 4500), (1, 1e-5, 1 / 15, 4500), (0.2, 1e-5, 1 / 15, 4500),
+    (1, 1e-6, 1 / 80, 24000), (3, 1e-5, 0.01, 1000), (0.5, 1e-5, 1.0, 1),
+])
+def test_calibrated_sigma_never_overshoots(accountant, target, delta, q, steps):
+    sigma = accountant.get_noise_multiplier(target, delta, q, steps)
+    assert eps_rdp(accountant, q, sigma, steps, delta) <= target       # the bound holds ...
+    assert eps_rdp(accountant, q, sigma * (1 - 1e-5), steps, delta) > target  # ... barely
+
+
+def test_dpdm_sigma_table(accountant):
+    # Opacus 1.6.0 RDP (compute_rdp + get_privacy_spent, Balle conversion), bisected to 1e-10
+    # in the scratch venv; orders to 63 = Opacus' grid, our default grid reaches 256.
+    acc, q, T = accountant, 1 / 15, 4500
+    assert acc.get_noise_multiplier(10, 1e-5, q, T) == pytest.approx(2.4870289671166086, rel=2e-6)
+    assert acc.get_noise_multiplier(1, 1e-5, q, T) == pytest.approx(18.13277930129539, rel=2e-6)
+    assert acc.get_noise_multiplier(0.2, 1e-5, q, T) == pytest.approx(80.1239679652234, rel=2e-6)
+    with pytest.warns(UserWarning, match="edge"):  # the optimum (order ~69) is off Opacus' grid
+        sigma63 = acc.get_noise_multiplier(0.2, 1e-5, q, T, orders=OPACUS_ORDERS)
+    assert sigma63 == pytest.approx(80.56216972142835, rel=2e-6)
+    celeba = acc.get_noise_multiplier(10, 1e-6, 1 / 80, 24000)
+    assert celeba == pytest.approx(1.30289085713748, rel=2e-6)
+    assert acc.dpdm_sampling(60000, 4096, 300) == (1 / 15, 4500)
+    assert acc.dpdm_sampling(162770, 2048, 300) == (1 / 80, 24000)
+
+
+def test_tolerance_search_reproduces_opacus(accountant):
+    # opacus.accountants.utils.get_noise_multiplier(accountant="rdp", epsilon_tolerance=0.01),
+    # Opacus 1.6.0, DPDM MNIST settings: 2.48779296875, 18.28125, 85.0.
+    for target, expected in [(10, 2.48779296875), (1, 18.28125), (0.2, 85.0)]:
+        sigma = accountant.noise_multiplier_within_tolerance(target, 1e-5, 1 / 15, 4500,
+                                                             OPACUS_ORDERS)
+        assert sigma == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda a: a.compute_rdp(0.1, 0.0, 10), "sigma"),
+    (lambda a: a.compute_rdp(0.1, -1.0, 10), "sigma"),
+    (lambda a: a.compute_rdp(1.5, 1.0, 10), "q="),
+    (lambda a: a.compute_rdp(-0.1, 1.0, 10), "q="),
+    (lambda a: a.compute_rdp(0.1, 1.0, 10, [0.5, 2]), "orders"),
+    (lambda a: a.get_privacy_spent([2, 3], [0.1, 0.2], 1.0), "delta"),
+    (lambda a: a.get_privacy_spent([2, 3], [0.1, 0.2], 0.0), "delta"),
+    (lambda a: a.get_noise_multiplier(0.0, 1e-5, 0.01, 100), "epsilon"),
+    (lambda a: a.get_noise_multiplier(-1.0, 1e-5, 0.01, 100), "epsilon"),
+    (lambda a: a.pld_epsilon(0.1, 0.0, 10, 1e-5), "sigma"),
+])
+def test_bad_inputs_raise(accountant, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(accountant)
+
+
+# ---------------------------------------------------------------- tight accountant (PLD)
+def test_remove_direction_dominates_add_in_rdp(accountant):
+    """The PLD window uses RDP(a) as a bound on the add direction's moments too, which needs
+    D_a(mu0 || mu) <= D_a(mu || mu0) (MTZ 2019). Check it by quadrature:
+    exp((a-1) D_a(mu0 || mu)) = E_{x ~ mu0}[(1 - q + q r)^-(a-1)]."""
+    for q, sigma, alpha in [(0.1, 1.0, 2.5), (1 / 15, 2.5, 8), (0.5, 0.7, 3), (0.01, 1.0, 30)]:
+        x = np.linspace(-14 * sigma, 14 * sigma, 200001)
+        r = np.exp((2 * x - 1) / (2 * sigma**2))
+        density = np.exp(-x**2 / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+        moment = np.sum((1 - q + q * r) ** (1 - alpha) * density) * (x[1] - x[0])
+        add = math.log(moment) / (alpha - 1)
+        assert 0 < add <= accountant.rdp_subsampled_gaussian(q, sigma, alpha)[0]
+
+
+@pytest.mark.parametrize("remove", [True, False])
+def test_pld_one_step_keeps_both_masses(accountant, remove):
+    """The pessimistic discretisation moves P-mass within each cell but keeps, per cell, the
+    Q-mass E_P[e^-L]: both totals stay 1 (up to the far tails)."""
+    h = 1e-3
+    k0, pmf, p_inf = accountant.pld_one_step(0.1, 2.0, h, remove)
+    losses = (k0 + np.arange(pmf.size)) * h
+    assert pmf.min() >= 0 and pmf.sum() + p_inf == pytest.approx(1, abs=1e-12)
+    assert np.sum(pmf * np.exp(-losses)) == pytest.approx(1, abs=1e-9)
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta, dp_accounting", [
+    (0.1, 2.0, 100, 1e-5, 2.337400192580119),
+    (0.05, 1.0, 200, 1e-5, 4.765920019234886),
+])
+def test_pld_matches_dp_accounting(accountant, q, sigma, steps, delta, dp_accounting):
+    # dp_accounting 0.6.0 PLDAccountant(value_discretization_interval=1e-4), add-or-remove,
+    # PoissonSampledDpEvent(q, GaussianDpEvent(sigma)) composed `steps` times, get_epsilon(delta).
+    assert accountant.pld_epsilon(q, sigma, steps, delta, h=1e-4) == pytest.approx(
+        dp_accounting, rel=1e-6)
+
+
+def test_pld_default_grid_close_to_fine_reference(accountant):
+    # dp_accounting 0.6.0 with a 10x finer grid (1e-5): 2.3373996121836647. Both are pessimistic.
+    assert accountant.pld_epsilon(0.1, 2.0, 100, 1e-5) == pytest.approx(2.3373996121836647,
+                                                                         rel=1e-4)
+
+
+@pytest.mark.parametrize("sigma, steps", [(1.0, 1), (2.0, 1), (5.0, 10)])
+def test_pld_gaussian_closed_form(accountant, sigma, steps):
+    """q = 1: T Gaussian steps are one Gaussian with s = sigma / sqrt(T), whose exact curve is
+    delta(eps) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s) (Balle & Wang 2018)."""
+    s, delta = sigma / math.sqrt(steps), 1e-5
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
+    lo, hi = 0.0, 50.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if phi(1 / (2 * s) - mid * s) - math.exp(mid) * phi(-1 / (2 * s) - mid * s) > delta:
+            lo = mid
+        else:
+            hi = mid
+    pld = accountant.pld_epsilon(1.0, sigma, steps, delta)
+    assert hi * (1 - 1e-9) <= pld <= hi * (1 + 1e-3)  # pessimistic, and close
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta", [
+    (1 / 15, 2.5, 4500, 1e-5), (1 / 15, 18.0, 450, 1e-5), (1 / 80, 1.3, 2400, 1e-6),
+    (0.01, 0.8, 1000, 1e-5), (0.3, 1.0, 20, 1e-5), (1.0, 3.0, 1, 1e-5),
+])
+def test_pld_never_above_rdp(accountant, q, sigma, steps, delta):
+    pld = accountant.pld_epsilon(q, sigma, steps, delta)
+    assert 0 < pld <= eps_rdp(accountant, q, sigma, steps, delta)
+
+
+def test_pld_noise_multiplier_is_tight_and_safe(accountant):
+    # facts file: a tight accountant needs ~16.72 at MNIST eps = 1 (vs 18.13 for RDP)
+    sigma = accountant.pld_noise_multiplier(1.0, 1e-5, 1 / 15, 4500)
+    assert sigma == pytest.approx(16.72, rel=2e-3)
+    assert accountant.pld_epsilon(1 / 15, sigma, 4500, 1e-5) <= 1.0
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_epsilon_and_sigma(accountant, capsys):
+    accountant.main(["--sigma", "2.487029", "--batch-size", "4096", "--n", "60000",
+                     "--epochs", "300", "--no-tight"])
+    out = capsys.readouterr().out
+    assert "q = 0.0666667, steps = 4500" in out and "eps = 10.0000" in out
+    accountant.main(["--target-epsilon", "1", "--q", "0.0666666666667", "--steps", "4500",
+                     "--no-tight"])
+    assert "sigma = 18.1327" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="1/N"):
+        accountant.main(["--sigma", "1", "--n", "1000", "--delta", "1e-3"])
+
+
+def test_figure_is_written(accountant, tmp_path):
+    path = tmp_path / "eps.png"
+    accountant.plot_eps_vs_epochs(path, sigmas=(2.5, 80.0))
+    assert path.exists() and 1_000 < path.stat().st_size < 150_000
