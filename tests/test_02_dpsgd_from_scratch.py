@@ -1,0 +1,227 @@
+"""Chapter 02 tests: DP-SGD's privacy invariants, tested like security properties.
+
+References are independent of the code under test: a plain loop of batch-size-1 backward
+passes (per-example gradients), closed forms (noise std sigma_DP*C, Binomial(N, q) batch
+sizes, sensitivity C), and ordinary autograd (the non-private step). Statistical checks use
+fixed seeds and tolerances of 5 standard errors, derived from the closed-form statistics.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TinyConvNet(nn.Module):
+    """F(x, c_noise) with every layer kind DPDM's DDPM++ uses: convolution, GroupNorm, linear
+    (noise embedding) and self-attention written out as in DDPM++'s AttnBlock."""
+
+    def __init__(self, ch=8):
+        super().__init__()
+        self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+        self.embed = nn.Linear(1, ch)
+        self.norm = nn.GroupNorm(2, ch)
+        self.qkv, self.proj = nn.Linear(ch, 3 * ch), nn.Linear(ch, ch)
+        self.conv_out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x, c_noise):
+        h = F.silu(self.norm(self.conv_in(x) + self.embed(c_noise[:, None])[:, :, None, None]))
+        B, C, H, W = h.shape
+        q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)  # tokens = pixels
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(C), dim=-1)
+        h = h + self.proj(attn @ v).transpose(1, 2).reshape(B, C, H, W)
+        return self.conv_out(h)
+
+
+def make_problem(dpsgd, K, B=5, seed=0, outlier=False):
+    """float64 EDM denoiser around TinyConvNet, and a batch (x, sigma, n) with K draws each."""
+    torch.manual_seed(seed)
+    model = dpsgd.EDMDenoiser(TinyConvNet()).double()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, 6, 6, generator=gen, dtype=torch.float64)
+    if outlier:
+        x[0] *= 100.0  # an example whose unclipped gradient is huge: clipping must bind
+    return model, (x, *dpsgd.draw_diffusion_noise(x, K, gen))
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------- per-example grads
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_per_example_grads_match_naive_loop(dpsgd, K, chunk_size):
+    model, batch = make_problem(dpsgd, K)
+    fast = dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size)
+    slow = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
+    assert len(fast) == len(list(model.parameters())) and fast["net.qkv.weight"].shape[0] == 5
+    assert max_abs_diff(fast, slow) <= 1e-8
+    norms = dpsgd.per_example_norms(slow)  # not vacuous: examples really differ
+    assert norms.min() > 1e-3 and (norms.max() - norms.min()) > 1e-3
+
+
+def test_loss_is_mean_over_K_draws(dpsgd):
+    model, (x, sigma, n) = make_problem(dpsgd, K=4)
+    per_draw = [dpsgd.edm_loss(model, x, sigma[:, k:k + 1], n[:, k:k + 1]) for k in range(4)]
+    torch.testing.assert_close(dpsgd.edm_loss(model, x, sigma, n), torch.stack(per_draw).mean(0))
+
+
+def test_chunked_private_gradient_equals_unchunked(dpsgd):
+    model, batch = make_problem(dpsgd, K=2, B=7)
+    kw = dict(C=0.5, noise_multiplier=1.0, expected_batch_size=6.0)
+    g1, n1 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw,
+                                    generator=torch.Generator().manual_seed(1))
+    g3, n3 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw, chunk_size=3,
+                                    generator=torch.Generator().manual_seed(1))
+    assert max_abs_diff(g1, g3) <= 1e-12 and torch.allclose(n1, n3, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- clipping
+def test_clipping_bounds_every_norm_and_keeps_small_gradients(dpsgd):
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-3, 3, 40, dtype=torch.float64)  # norms from far below to far above C
+    grads = {"w": torch.randn(40, 7, 3, generator=gen, dtype=torch.float64) * scale[:, None, None],
+             "b": torch.randn(40, 5, generator=gen, dtype=torch.float64) * scale[:, None]}
+    C = 1.0
+    before = dpsgd.per_example_norms(grads)
+    reference = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)  # flat norm
+    torch.testing.assert_close(before, reference)
+    clipped = dpsgd.clip_per_example(grads, C)
+    after = dpsgd.per_example_norms(clipped)
+    small, big = before < C, before > C
+    assert small.sum() > 5 and big.sum() > 5
+    assert (after <= C * (1 + 1e-6)).all()
+    assert (after[big] >= C * (1 - 1e-6)).all()  # clipped to C, not below
+    for k in grads:  # below C: untouched; above C: same direction
+        assert torch.equal(clipped[k][small], grads[k][small])
+        cos = F.cosine_similarity(clipped[k][big].flatten(1), grads[k][big].flatten(1), dim=1)
+        assert (cos > 1 - 1e-12).all()
+    unclipped = dpsgd.clip_per_example(grads, math.inf)
+    assert all(torch.equal(unclipped[k], grads[k]) for k in grads)
+
+
+# ----------------------------------------------------------------------------- noise
+def test_noise_has_mean_zero_and_std_sigma_C(dpsgd):
+    sigma_dp, C = 1.3, 0.7
+    zeros = {"w": torch.zeros(500, 400, dtype=torch.float64), "b": torch.zeros(20_000, dtype=torch.float64)}
+    noisy = dpsgd.add_noise(zeros, sigma_dp, C, torch.Generator().manual_seed(0))
+    z = torch.cat([v.flatten() for v in noisy.values()])
+    n, std = z.numel(), sigma_dp * C
+    assert abs(z.mean().item()) <= 5 * std / math.sqrt(n)
+    assert abs(z.std().item() - std) <= 5 * std / math.sqrt(2 * n)  # SE of a sample std
+    for v in noisy.values():  # every tensor gets its own noise, not a shared draw
+        assert abs(v.std().item() - std) <= 5 * std / math.sqrt(2 * v.numel())
+    same = dpsgd.add_noise(zeros, 0.0, C, torch.Generator().manual_seed(0))
+    assert all(torch.equal(same[k], zeros[k]) for k in zeros)
+
+
+def test_dp_step_without_clipping_or_noise_is_ordinary_sgd(dpsgd):
+    model, batch = make_problem(dpsgd, K=3, B=6)
+    reference = copy.deepcopy(model)
+    dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), dpsgd.edm_loss, *batch,
+                      C=math.inf, noise_multiplier=0.0, expected_batch_size=6,
+                      generator=torch.Generator().manual_seed(0))
+    dpsgd.edm_loss(reference, *batch).mean().backward()  # plain autograd on the mean loss
+    mean_grad = {k: p.grad.clone() for k, p in reference.named_parameters()}
+    # the divisor is the EXPECTED batch size qN, not the realised one: 6 examples, qN = 12
+    half, _ = dpsgd.private_gradient(reference, dpsgd.edm_loss, *batch, C=math.inf,
+                                     noise_multiplier=0.0, expected_batch_size=12, generator=None)
+    assert max_abs_diff(half, {k: g / 2 for k, g in mean_grad.items()}) <= 1e-10
+    initial = [p.detach().clone() for p in reference.parameters()]
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for (name, p), p_ref, p0 in zip(model.named_parameters(), reference.parameters(), initial):
+        assert (p - p_ref).abs().max() <= 1e-10, name
+    assert max((p - p0).abs().max() for p, p0 in zip(model.parameters(), initial)) > 1e-4
+
+
+# ----------------------------------------------------------------------------- Poisson sampling
+def test_poisson_batch_sizes_are_binomial(dpsgd):
+    n, q, T = 1000, 0.05, 4000
+    gen = torch.Generator().manual_seed(0)
+    batches = [dpsgd.poisson_sample(n, q, gen) for _ in range(T)]
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    mean, var = n * q, n * q * (1 - q)
+    assert abs(sizes.mean().item() - mean) <= 5 * math.sqrt(var / T)
+    # SE of a sample variance ~ var * sqrt(2 / (T - 1)) (Binomial excess kurtosis ~0.02: negligible)
+    assert abs(sizes.var().item() - var) <= 5 * var * math.sqrt(2 / (T - 1))
+    hits = torch.zeros(n)
+    for b in batches:
+        assert len(torch.unique(b)) == len(b) and (b >= 0).all() and (b < n).all()
+        hits[b] += 1
+    # every example, not just the batch size, is included with probability q
+    assert (hits / T - q).abs().max() <= 5 * math.sqrt(q * (1 - q) / T)
+
+
+def test_empty_batch_takes_noise_only_step(dpsgd):
+    model = nn.Linear(100, 100).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    empty = (torch.zeros(0, 100, dtype=torch.float64),)
+    loss_fn = lambda m, x: m(x).pow(2).sum(1)
+    sigma_dp, C, qN = 2.0, 0.5, 40.0
+    norms = dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, *empty,
+                              C=C, noise_multiplier=sigma_dp, expected_batch_size=qN,
+                              generator=torch.Generator().manual_seed(0))
+    assert norms.numel() == 0
+    step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)])
+    std = sigma_dp * C / qN  # the update is -N(0, sigma^2 C^2 I) / (qN)
+    assert abs(step.mean().item()) <= 5 * std / math.sqrt(step.numel())
+    assert abs(step.std().item() - std) <= 5 * std / math.sqrt(2 * step.numel())
+
+
+# ----------------------------------------------------------------------------- sensitivity
+@pytest.mark.parametrize("K", [1, 4, 16])
+def test_one_example_moves_the_pre_noise_sum_by_at_most_C(dpsgd, K):
+    """Add/remove adjacency (the one the Poisson accountant uses): sensitivity C, whatever K.
+    Replacing one example is a removal plus an addition: at most 2C, and that bound is reached."""
+    C = 0.1
+    model, (x, sigma, n) = make_problem(dpsgd, K, B=6, outlier=True)
+
+    def pre_noise_sum(*batch):  # sigma_DP = 0 and qN = 1: the plain sum of clipped gradients
+        g, norms = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, C=C, noise_multiplier=0.0,
+                                          expected_batch_size=1.0, generator=None)
+        return torch.cat([v.flatten() for v in g.values()]), norms
+
+    full, norms = pre_noise_sum(x, sigma, n)
+    assert (norms > C).all() and norms[0] > 100 * C  # every example is clipped, the outlier by far
+    removed, _ = pre_noise_sum(x[1:], sigma[1:], n[1:])
+    assert (full - removed).norm() <= C * (1 + 1e-6)
+    x_swap = x.clone()
+    x_swap[0] = -x[0]  # the adversary's replacement: a gradient pointing the other way
+    replaced, _ = pre_noise_sum(x_swap, sigma, n)
+    assert C < (full - replaced).norm() <= 2 * C * (1 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_batchnorm_is_refused(dpsgd):
+    model = dpsgd.EDMDenoiser(nn.Sequential())
+    model.net = TinyConvNet()
+    model.net.norm = nn.BatchNorm2d(8)
+    model = model.double()
+    _, batch = make_problem(dpsgd, K=1)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch)
+    with pytest.raises(ValueError, match="batch"):
+        dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), dpsgd.edm_loss,
+                          *batch, C=1.0, noise_multiplier=1.0, expected_batch_size=5,
+                          generator=torch.Generator())
+    dpsgd.check_no_batchnorm(make_problem(dpsgd, K=1)[0])  # GroupNorm passes
+
+
+def test_bad_input_is_refused_with_a_clear_error(dpsgd):
+    g = {"w": torch.ones(3, 2)}
+    with pytest.raises(ValueError, match="C must be > 0"):
+        dpsgd.clip_per_example(g, 0.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dpsgd.add_noise({"w": torch.ones(2)}, -1.0, 1.0, None)
+    with pytest.raises(ValueError, match="finite clipping norm"):
+        dpsgd.add_noise({"w": torch.ones(2)}, 1.0, math.inf, None)
+    for q in (0.0, 1.5):
+        with pytest.raises(ValueError, match="q must be in"):
+            dpsgd.poisson_sample(10, q, None)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        dpsgd.private_gradient(nn.Linear(2, 1), lambda m, x: m(x)[:, 0], torch.ones(1, 2), C=1.0,
+                               noise_multiplier=1.0, expected_batch_size=0, generator=None)
