@@ -159,11 +159,17 @@ def test_clip_sum_equals_naive_per_example_loop():
         assert torch.allclose(total[k], want[k], atol=1e-6, rtol=1e-4), k
 
 
-def test_poisson_sampling_rate():
-    idx = m.poisson_batch(200_000, 0.01, torch.Generator().manual_seed(0))
-    assert len(idx) == len(set(idx.tolist()))
-    assert abs(len(idx) - 2000) < 4 * math.sqrt(2000 * 0.99)
-    assert idx.min() < 1000 and idx.max() > 199_000
+def test_poisson_sampling_includes_each_example_independently():
+    """Batch sizes are Binomial(n, q): right mean AND variance (a shuffled fixed-size batch,
+    which the accountant does not cover, has none), every example equally likely."""
+    gen, n, q = torch.Generator().manual_seed(0), 5000, 0.04
+    batches = [m.poisson_batch(n, q, gen) for _ in range(200)]
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    assert sizes.mean().item() == pytest.approx(n * q, rel=0.02)
+    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.3)
+    counts = torch.bincount(torch.cat(batches), minlength=n).double()
+    assert all(len(set(b.tolist())) == len(b) for b in batches)
+    assert counts.var().item() == pytest.approx(200 * q * (1 - q), rel=0.15)  # no favourites
 
 
 def test_noise_multiplicity_averages_k_draws_per_example():
@@ -190,6 +196,33 @@ def test_model_matches_dpdm_size_and_treats_examples_independently():
     x2 = x.clone()
     x2[1:] = torch.randn(3, 1, 28, 28)
     assert torch.allclose(net(x2, c, y)[0], out[0], atol=1e-6)  # no cross-example mixing
+
+
+class ExactGaussianNet(torch.nn.Module):
+    """F such that D(x; sigma) is the exact denoiser of data ~ N(mu, s^2): D = mu + (x - mu)
+    s^2 / (s^2 + sigma^2), written through the preconditioning it is wrapped in."""
+    n_classes, mu, s = 10, 0.1, 0.2
+
+    def __init__(self, param):
+        super().__init__()
+        self.param, self.sd = param, (m.SIGMA_DATA if param == "edm" else 1.0)
+
+    def forward(self, x_in, c_noise, y):
+        sigma = ((4 * c_noise).exp() if self.param == "edm" else torch.tan(c_noise * math.pi / 2)).view(-1, 1, 1, 1)
+        x = x_in * (sigma ** 2 + self.sd ** 2).sqrt()
+        d = self.mu + (x - self.mu) * self.s ** 2 / (self.s ** 2 + sigma ** 2)
+        c_skip = self.sd ** 2 / (sigma ** 2 + self.sd ** 2)
+        return (d - c_skip * x) / (sigma * self.sd / (sigma ** 2 + self.sd ** 2).sqrt())
+
+
+@pytest.mark.parametrize("param", ["edm", "v"])
+@pytest.mark.parametrize("sampler,steps,tol", [("churn", 40, 0.04), ("heun", 40, 0.03), ("ddim", 200, 0.04)])
+def test_samplers_recover_a_gaussian_from_its_exact_denoiser(param, sampler, steps, tol):
+    cfg = m.Config(sampler=sampler, sample_steps=steps, s_churn=10.0, guidance=0.0)
+    x = m.edm_sampler(ExactGaussianNet(param), torch.zeros(4000, dtype=torch.long), cfg,
+                      torch.Generator().manual_seed(0), (4000, 1, 4, 4), param)
+    assert x.mean().item() == pytest.approx(0.1, abs=0.01)
+    assert x.std().item() == pytest.approx(0.2, rel=tol)
 
 
 # --------------------------------------------------------------------------- resume
@@ -257,7 +290,7 @@ def test_bad_privacy_parameters_are_refused(smoke_run, tmp_path, flag, value, me
 def test_missing_and_corrupt_data_files_are_refused(tmp_path):
     data = tiny_mnist(tmp_path / "d")
     (data / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(m.UserError, match="missing t10k-labels-idx1-ubyte.*get them from"):
+    with pytest.raises(m.UserError, match="missing t10k-labels-idx1-ubyte.*are at https.*--data-dir"):
         m.load_data("mnist", data, unverified=True)
     with pytest.raises(m.UserError, match="checksum mismatch"):  # tiny data is not MNIST
         m.load_data("mnist", tiny_mnist(tmp_path / "e"))
