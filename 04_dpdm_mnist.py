@@ -41,6 +41,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -51,7 +52,7 @@ from torch.func import functional_call, grad_and_value, vmap
 @dataclass
 class Config:
     # data
-    dataset: str = "mnist"          # mnist | fmnist
+    dataset: str = "mnist"          # mnist | fmnist | celeba (32x32, unconditional)
     # model: DDPM++ U-Net (DPDM App. B)
     channels: int = 32              # base channels
     mults: tuple = (1, 2, 2)        # channel multiplier per resolution level
@@ -68,7 +69,7 @@ class Config:
     label_dropout: float = 0.1      # classifier-free guidance training
     # DP-SGD
     eps: float = 10.0
-    delta: float = 1e-5
+    delta: float = None             # default: 1e-5, CelebA 1e-6 (DPDM; must be < 1/N)
     batch: int = 4096               # q = 1 / ceil(N / batch), as Opacus' DPDataLoader
     epochs: float = 300.0           # steps = epochs * ceil(N / batch)
     clip: float = 1.0
@@ -95,6 +96,13 @@ class Config:
     def __post_init__(self):  # DPDM: EDM at eps = 10 and 1, v-prediction at eps = 0.2
         if self.param == "auto":
             self.param = "v" if self.eps < 1 else "edm"
+        if self.delta is None:
+            self.delta = 1e-6 if self.dataset == "celeba" else 1e-5
+
+
+# dataset: (image channels, resolution, classes, DPDM's config where it differs from MNIST's)
+DATASETS = {"mnist": (1, 28, 10, {}), "fmnist": (1, 28, 10, {}),
+            "celeba": (3, 32, 0, dict(batch=2048, attn=(16, 8)))}  # q = 1/80, 24,000 steps
 
 
 PRESETS = {
@@ -177,8 +185,12 @@ def parse_args(argv=None):
         args.eval = args.eval_only or not args.sample_only and args.preset != "smoke"
     overrides = {f.name: getattr(args, f.name) for f in fields(Config)
                  if getattr(args, f.name) is not None}
-    cfg = Config(**{**PRESETS[args.preset], **overrides})
-    return args, cfg
+    dataset = overrides.get("dataset", PRESETS[args.preset].get("dataset", "mnist"))
+    if dataset not in DATASETS:
+        p.error(f"--dataset must be one of {', '.join(DATASETS)}")
+    # the paper and gpu presets follow DPDM's config of each dataset; cpu and smoke are budgets
+    per_dataset = DATASETS[dataset][3] if args.preset in ("paper", "gpu") else {}
+    return args, Config(**{**PRESETS[args.preset], **per_dataset, **overrides})
 
 
 # ----------------------------------------------------------------------------- data
@@ -243,16 +255,73 @@ def download(dataset, name, cache, mirrors=None):
             errors.append(f"{base}: {e}")
             continue
         cache.mkdir(parents=True, exist_ok=True)
-        (cache / "tmp.gz").write_bytes(data)
-        os.replace(cache / "tmp.gz", cache / (name + ".gz"))
+        tmp = cache / f"{name}.{os.getpid()}.part"  # one per process: torchrun ranks race here
+        tmp.write_bytes(data)
+        os.replace(tmp, cache / (name + ".gz"))
         return data
     raise UserError(f"could not download {name}.gz for {dataset}:\n  " + "\n  ".join(errors))
 
 
+CELEBA_TRAIN_N = 162_770  # official split: 000001.jpg ... 162770.jpg are "train" (partition 0)
+CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip ('Align&Cropped "
+               "Images') from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive link "
+               "there), pass its path or the unzipped img_align_celeba folder, and optionally put "
+               "Eval/list_eval_partition.txt next to it.")
+
+
+def center_crop_resize(img, resolution=32):
+    """Centre square crop, then Lanczos resize: StyleGAN's dataset_tool --transform=center-crop,
+    which DPDM's data preparation uses."""
+    a = np.asarray(img.convert("RGB"))
+    c = min(a.shape[:2])
+    top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
+    return np.asarray(Image.fromarray(a[top:top + c, left:left + c]).resize((resolution, resolution), Image.LANCZOS))
+
+
+def load_celeba(path, resolution=32, split="train"):
+    """uint8 (N, 3, res, res) from img_align_celeba.zip or its folder (the caller scales to
+    [-1, 1]). split='train' keeps partition 0 of list_eval_partition.txt when that file lies
+    beside the images, else the files numbered <= 162,770 (the same set); 'all' keeps all."""
+    path = Path(path)
+    path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
+    if path.suffix == ".zip" and path.is_file():
+        archive = zipfile.ZipFile(path)
+        names, read = {PurePath(n).name: n for n in archive.namelist()}, archive.read
+    elif path.is_dir():
+        names, read = {p.name: p for p in path.iterdir()}, Path.read_bytes
+    else:
+        raise FileNotFoundError(f"no CelebA images at {path}. {CELEBA_HELP}")
+    keep = sorted(n for n in names if n.lower().endswith(".jpg"))
+    part = [p for p in (path.parent / "list_eval_partition.txt", path.parent / "Eval" / "list_eval_partition.txt")
+            if p.is_file()]
+    if split == "train" and part:
+        train = {line.split()[0] for line in part[0].read_text().splitlines() if line.split()[1:] == ["0"]}
+        keep = [n for n in keep if n in train]
+    elif split == "train":
+        keep = [n for n in keep if n[:-4].isdigit() and int(n[:-4]) <= CELEBA_TRAIN_N]
+    elif split != "all":
+        raise ValueError("split must be 'train' or 'all'")
+    if not keep:
+        raise FileNotFoundError(f"no CelebA {split} images (*.jpg) in {path}. {CELEBA_HELP}")
+    out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
+    for i, name in enumerate(keep):
+        out[i] = center_crop_resize(Image.open(io.BytesIO(read(names[name]))), resolution).transpose(2, 0, 1)
+        if (i + 1) % 20_000 == 0:
+            print(f"  CelebA: {i + 1}/{len(keep)} images")
+    return out
+
+
 def load_data(dataset, data_dir=None, unverified=False):
-    """{"train": (x, y), "test": (x, y)}: x float32 [n,1,28,28] scaled to [-1,1], y int64.
-    Reads --data-dir, else the cache ./data/<dataset>, downloading what is missing."""
+    """{"train": (x, y), "test": (x, y)}: x float32 [n,C,H,W] scaled to [-1,1], y int64
+    (CelebA: y and "test" are None). Reads --data-dir, else the cache ./data/<dataset>,
+    downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
     folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
+    if dataset == "celeba":
+        try:
+            x = torch.from_numpy(load_celeba(folder))
+        except FileNotFoundError as e:
+            raise UserError(f"{e} Pass --data-dir PATH.")
+        return {"train": (x.float() / 127.5 - 1.0, None), "test": None}
     help_ = (f"the four files {', '.join(IDX_FILES)} (.gz or raw) are at {MIRRORS[dataset][0]}; "
              f"offline, put them in a folder and pass --data-dir")
     arrays = []
@@ -378,7 +447,8 @@ class UNet(nn.Module):
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.unshuffle)
 
 
-def build_model(cfg, img_channels=1, res=28, n_classes=10):
+def build_model(cfg):
+    img_channels, res, n_classes, _ = DATASETS[cfg.dataset]
     return UNet(img_channels, res, cfg.channels, cfg.mults, cfg.blocks, cfg.attn, n_classes,
                 cfg.unshuffle)
 
@@ -485,6 +555,11 @@ def privacy_plan(cfg, n):
 
 
 # ----------------------------------------------------------------------------- DP-SGD
+def world():
+    """DIST: (rank, number of processes); (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def poisson_batch(n, q, gen):
     """Each example joins the logical batch independently with probability q (the sampling
     the accountant assumes; a shuffled fixed-size batch would not match it)."""
@@ -501,7 +576,11 @@ def clip_per_example(grads, clip):
 
 def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
     """Sum over the logical batch of clipped per-example gradients, computed in physical
-    chunks of cfg.chunk examples so memory stays bounded."""
+    chunks of cfg.chunk examples so memory stays bounded. DIST: with several processes,
+    chunk j is computed by rank j mod (number of processes) and the partial sums are added
+    up (all-reduce); every rank still draws every chunk's randomness, so that all ranks'
+    generators stay identical (same next Poisson batch, same DP noise)."""
+    rank, size = world()
     params = {k: v.detach() for k, v in model.named_parameters()}
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda   # fast net on GPU; the
@@ -512,15 +591,17 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
         yi = None if yi is None else yi[None]
         return diffusion_loss(net, xi[None], yi, si[None], ni[None], cfg.param)[0]
 
-    per_example_grads = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0, 0, 0))
+    per_example_grads = vmap(grad_and_value(loss_one), in_dims=(None, 0, None if y is None else 0, 0, 0))
     stats = {"loss": 0.0, "n": len(x), "norms": [], "clipped_norms": []}
-    for i in range(0, len(x), cfg.chunk):
+    for j, i in enumerate(range(0, len(x), cfg.chunk)):
         xc = x[i:i + cfg.chunk]
         yc = None if y is None else y[i:i + cfg.chunk].clone()
         if yc is not None:  # label dropout (CFG): the whole example becomes unconditional
             yc[torch.rand(len(yc), generator=gen, device=gen.device) < cfg.label_dropout] = n_classes
         sigma = sample_sigma((len(xc), cfg.K), cfg, gen)
         noise = torch.randn((len(xc), cfg.K, *xc.shape[1:]), generator=gen, device=gen.device)
+        if j % size != rank:
+            continue  # DIST: another rank's chunk
         with amp:
             grads, losses = per_example_grads(params, xc, yc, sigma, noise)
         clipped_sum, norms, factor = clip_per_example(grads, cfg.clip)
@@ -533,6 +614,11 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
                 (factor.view(-1, *[1] * (g.dim() - 1)) * g).flatten(1).pow(2).sum(1)
                 for g in grads.values())))
     stats = {k: torch.cat(v) if isinstance(v, list) and v else v for k, v in stats.items()}
+    if size > 1:  # DIST: every rank now holds the clipped sum of the whole logical batch
+        loss = torch.tensor(stats["loss"], device=x.device)
+        for t in [*total.values(), loss]:
+            dist.all_reduce(t)
+        stats["loss"] = loss.item()
     stats["loss"] /= max(len(x), 1)
     return total, stats
 
@@ -549,6 +635,8 @@ def dp_step(model, opt, x, y, cfg, noise_multiplier, expected_batch, gen, n_clas
     for k, p in model.named_parameters():
         # Gaussian mechanism: noise std sigma_dp * C, once per logical batch, fp32.
         # (torch's generator is not cryptographically secure; fine for a tutorial.)
+        # DIST: all ranks hold the same sum and the same generator state, so they draw the
+        # same z and take the same step: one noisy gradient is released, as in one process.
         z = noise_multiplier * cfg.clip * torch.randn(p.shape, generator=gen, device=gen.device)
         p.grad = ((total[k] + z) / expected_batch).to(p.dtype)
         stats["noise"][k] = z
@@ -574,8 +662,16 @@ def save_checkpoint(path, state):
 
 
 def train(cfg, data, out, device, resume=False):
-    """DP-SGD training; returns (ema model, summary dict). Checkpoints to out/ckpt.pt."""
-    x_train, y_train = (t.to(device) for t in data["train"])
+    """DP-SGD training; returns (ema model, summary dict). Checkpoints to out/ckpt.pt.
+    DIST (torchrun): every rank runs this same loop from the same seed. The Poisson batch,
+    the per-example noise draws and the DP noise come from generators that are identical on
+    all ranks; only the per-example gradients are split (clipped_grad_sum) and their clipped
+    sum is all-reduced. So each step releases exactly what the single-process step releases,
+    sum_i clip(g_i) + N(0, sigma^2 C^2 I) over one Poisson batch, and the accountant, the
+    model and the EMA are those of one process. Only rank 0 writes checkpoints."""
+    rank, size = world()
+    x_train, y_train = data["train"]
+    x_train, y_train = x_train.to(device), None if y_train is None else y_train.to(device)
     n = len(x_train)
     q, total_steps, sigma_dp = privacy_plan(cfg, n)
     torch.manual_seed(cfg.seed)
@@ -586,7 +682,7 @@ def train(cfg, data, out, device, resume=False):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"U-Net: {n_params:,} parameters | N = {n} | q = {q:.5g} (expected batch {q * n:.0f}) "
           f"| {total_steps} steps | K = {cfg.K} | sigma_dp = {sigma_dp:.4f} for "
-          f"(eps = {cfg.eps}, delta = {cfg.delta})")
+          f"(eps = {cfg.eps}, delta = {cfg.delta})" + (f" | {size} processes" if size > 1 else ""))
     ckpt_path, step = out / "ckpt.pt", 0
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -607,6 +703,14 @@ def train(cfg, data, out, device, resume=False):
         print(f"--resume: no checkpoint in {out}, starting from scratch")
 
     def checkpoint():
+        if size > 1:  # DIST: a diverged rank would be a bug; fail loudly, never silently
+            fingerprint = torch.stack([p.double().sum() for p in model.parameters()])
+            rank0 = fingerprint.clone()
+            dist.broadcast(rank0, 0)
+            if not torch.equal(fingerprint, rank0):
+                raise RuntimeError(f"rank {rank}'s model differs from rank 0's")
+        if rank > 0:
+            return
         save_checkpoint(ckpt_path, {
             "config": json.loads(json.dumps(asdict(cfg))), "n": n, "step": step,
             "q": q, "sigma_dp": sigma_dp, "total_steps": total_steps, "n_params": n_params,
@@ -616,7 +720,8 @@ def train(cfg, data, out, device, resume=False):
     t0, seen, start = time.time(), 0, step
     while step < total_steps:
         idx = poisson_batch(n, q, gen)
-        stats = dp_step(model, opt, x_train[idx], y_train[idx], cfg, sigma_dp, q * n, gen)
+        stats = dp_step(model, opt, x_train[idx], None if y_train is None else y_train[idx],
+                        cfg, sigma_dp, q * n, gen, model.n_classes)
         step += 1  # the accountant counts every step that released a noisy gradient
         ema_update(ema, model, step, cfg.ema)
         seen += stats["n"]
@@ -687,8 +792,10 @@ def generate(net, cfg, num, device, batch=1000, seed=1):
 
 
 def save_outputs(out, x, y, cfg, summary, n_classes=10, cols=10):
-    """grid.png (row c = class c), samples.npz (x uint8 [n,28,28], y), metrics.json."""
-    rows = [x[y == c][:cols] for c in range(n_classes)]
+    """grid.png (row c = class c; unconditional: the first 100), samples.npz (x uint8
+    [n,H,W] or [n,H,W,3], y), metrics.json."""
+    rows = ([x[y == c][:cols] for c in range(n_classes)] if n_classes else
+            [x[i:i + cols] for i in range(0, min(len(x), cols * cols), cols)])
     grid = np.concatenate([np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1)
                            for r in rows], 0)
     Image.fromarray(grid).save(out / "grid.png")
@@ -886,56 +993,6 @@ def evaluate_downstream(gen_x, gen_y, test_x, test_y, epochs, archs=CLASSIFIERS,
     return results
 
 
-# ---- CelebA 32x32 (unconditional; no classifiers) ------------------------------------------
-CELEBA_TRAIN_N = 162_770  # official split: 000001.jpg ... 162770.jpg are "train" (partition 0)
-CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip ('Align&Cropped "
-               "Images') from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive link "
-               "there), pass its path or the unzipped img_align_celeba folder, and optionally put "
-               "Eval/list_eval_partition.txt next to it.")
-
-
-def center_crop_resize(img, resolution=32):
-    """Centre square crop, then Lanczos resize: StyleGAN's dataset_tool --transform=center-crop,
-    which DPDM's data preparation uses."""
-    a = np.asarray(img.convert("RGB"))
-    c = min(a.shape[:2])
-    top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
-    return np.asarray(Image.fromarray(a[top:top + c, left:left + c]).resize((resolution, resolution), Image.LANCZOS))
-
-
-def load_celeba(path, resolution=32, split="train"):
-    """uint8 (N, 3, res, res) from img_align_celeba.zip or its folder (the caller scales to
-    [-1, 1]). split='train' keeps partition 0 of list_eval_partition.txt when that file lies
-    beside the images, else the files numbered <= 162,770 (the same set); 'all' keeps all."""
-    path = Path(path)
-    path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
-    if path.suffix == ".zip" and path.is_file():
-        archive = zipfile.ZipFile(path)
-        names, read = {PurePath(n).name: n for n in archive.namelist()}, archive.read
-    elif path.is_dir():
-        names, read = {p.name: p for p in path.iterdir()}, Path.read_bytes
-    else:
-        raise FileNotFoundError(f"no CelebA images at {path}. {CELEBA_HELP}")
-    keep = sorted(n for n in names if n.lower().endswith(".jpg"))
-    part = [p for p in (path.parent / "list_eval_partition.txt", path.parent / "Eval" / "list_eval_partition.txt")
-            if p.is_file()]
-    if split == "train" and part:
-        train = {line.split()[0] for line in part[0].read_text().splitlines() if line.split()[1:] == ["0"]}
-        keep = [n for n in keep if n in train]
-    elif split == "train":
-        keep = [n for n in keep if n[:-4].isdigit() and int(n[:-4]) <= CELEBA_TRAIN_N]
-    elif split != "all":
-        raise ValueError("split must be 'train' or 'all'")
-    if not keep:
-        raise FileNotFoundError(f"no CelebA {split} images (*.jpg) in {path}. {CELEBA_HELP}")
-    out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
-    for i, name in enumerate(keep):
-        out[i] = center_crop_resize(Image.open(io.BytesIO(read(names[name]))), resolution).transpose(2, 0, 1)
-        if (i + 1) % 20_000 == 0:
-            print(f"  CelebA: {i + 1}/{len(keep)} images")
-    return out
-
-
 EVAL_EPOCHS = {"cpu": {"logreg": 30, "mlp": 30, "cnn": 10}, "smoke": 1}  # others: 50 (DPDM)
 
 
@@ -944,15 +1001,19 @@ def evaluate(out, x, y, data, cfg, args):
     together with the sampler settings that produced them."""
     epochs = args.eval_epochs or EVAL_EPOCHS.get(args.preset, 50)
     ev = {"sampler_setting": args.sampler_setting, "num_samples": len(x),
-          "sampler": {k: getattr(cfg, k) for k in SAMPLER_SETTINGS["fid"]},
-          "downstream": evaluate_downstream(x, y, *data["test"], epochs=epochs)}
+          "sampler": {k: getattr(cfg, k) for k in SAMPLER_SETTINGS["fid"]}}
+    if data["test"] is not None:
+        ev["downstream"] = evaluate_downstream(x, y, *data["test"], epochs=epochs)
+    elif not args.fid:
+        print("CelebA has no labels for downstream classifiers: add --fid for its FID")
     if args.fid:
         try:
             detector = load_inception(device=args.device)
-            real = ((data["train"][0][:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+            real = ((data["train"][0] + 1) * 127.5).round().to(torch.uint8).numpy()
             ref = reference_stats(real, INCEPTION_CACHE / f"{cfg.dataset}_train_inception.npz",
                                   detector, device=args.device)
-            ev["fid"] = compute_fid(x, ref, detector, device=args.device)
+            fake = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
+            ev["fid"] = compute_fid(fake, ref, detector, device=args.device)
             print(f"FID ({len(x)} samples vs the training set): {ev['fid']:.2f}")
         except RuntimeError as err:  # offline: keep the accuracies, say why FID is missing
             print(f"FID skipped: {err}")
@@ -963,8 +1024,23 @@ def evaluate(out, x, y, data, cfg, args):
 
 
 # ----------------------------------------------------------------------------- main
+def init_distributed(args):
+    """DIST: under `torchrun --nproc_per_node=N` join the process group (NCCL on GPUs, one GPU
+    per process; gloo on CPU) and silence the other ranks' prints. Returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank()
+
+
 def main(argv=None):
     args, cfg = parse_args(argv)
+    rank = init_distributed(args)
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):  # TF32 for the network; DP maths is explicit fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -989,6 +1065,10 @@ def main(argv=None):
                   f"configuration: --preset paper")
             data = load_data(cfg.dataset, args.data_dir, args.unverified)
             ema, summary = train(cfg, data, out, args.device, args.resume)
+        if dist.is_initialized():  # DIST: sampling, outputs and evaluation are rank 0's
+            dist.destroy_process_group()
+            if rank > 0:
+                return
         if args.sampler_setting:
             cfg = dataclasses.replace(cfg, **SAMPLER_SETTINGS[args.sampler_setting])
         print(f"sampling {cfg.num_samples} images ({cfg.sampler}, {cfg.sample_steps} steps, "
@@ -996,7 +1076,7 @@ def main(argv=None):
         t0 = time.time()
         x, y = generate(ema.eval(), cfg, cfg.num_samples, args.device)
         summary["sample_time_s"] = time.time() - t0
-        save_outputs(out, x, y, cfg, summary)
+        save_outputs(out, x, y, cfg, summary, ema.n_classes)
         print(f"(eps, delta) = ({summary['eps_spent']:.4f}, {cfg.delta}) after "
               f"{summary['steps']} steps; sigma_dp = {summary['sigma_dp']:.4f}, q = {summary['q']:.5g}")
         if args.eval or args.eval_only:

@@ -338,3 +338,21 @@ def test_eval_only_writes_accuracies_and_sampler_settings(ev, tmp_path):
     assert metrics["num_samples"] == 40 and "fid" not in metrics
     assert sorted(metrics["downstream"]) == ["cnn", "logreg", "mlp"]
     assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in metrics["downstream"].values())
+
+
+def test_celeba_trains_unconditionally_at_32x32_rgb(ev, celeba, tmp_path, capsys):
+    """--dataset celeba: 3x32x32, no labels, delta 1e-6; samples and grid are RGB."""
+    out = tmp_path / "out"
+    ev.main([str(a) for a in ["--preset", "smoke", "--dataset", "celeba", "--eval",
+                              "--data-dir", celeba / "img_align_celeba.zip", "--out", out]])
+    assert "no labels" in capsys.readouterr().out
+    s = np.load(out / "samples.npz")
+    assert s["x"].shape == (20, 32, 32, 3) and s["x"].dtype == np.uint8
+    assert np.asarray(Image.open(out / "grid.png")).shape == (64, 320, 3)  # 2 rows of 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["delta"] == 1e-6 and metrics["n"] == 3 and "downstream" not in metrics["eval"]
+    # the paper preset is DPDM's CelebA config: batch 2048 (q = 1/80), attention at 16 and 8
+    _, cfg = ev.parse_args(["--preset", "paper", "--dataset", "celeba"])
+    assert (cfg.batch, cfg.attn, cfg.delta, cfg.K) == (2048, (16, 8), 1e-6, 32)
+    assert sum(p.numel() for p in ev.build_model(cfg).parameters()) == 1_804_451  # DPDM's count
+    assert ev.privacy_plan(cfg, ev.CELEBA_TRAIN_N)[:2] == (1 / 80, 24_000)
