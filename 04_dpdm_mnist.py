@@ -20,8 +20,11 @@ TMLR 2023 - "DPDM"; Karras et al. 2022 - "EDM"):
   * EDM's stochastic sampler with "churn" (EDM Alg. 2), deterministic Heun/DDIM, and
     classifier-free guidance D = (1 + w) D(x|y) - w D(x|null) (DPDM App. C).
   * The v-prediction parameterisation DPDM uses at eps = 0.2 (DPDM Sec. 5.2 ablation).
-Presets: `paper` (DPDM's MNIST config), `gpu` (about an hour on one GPU), `cpu`
-(<= 15 min on 2 cores), `smoke` (seconds; tests).
+  * Evaluation as in DPDM Sec. 5: FID, and classifiers trained on samples, tested on real data.
+  * Data parallelism that keeps the guarantee: `torchrun --nproc_per_node=N` splits each
+    logical batch's per-example gradients across processes (places marked "DIST").
+Presets: `paper` (DPDM's config), `gpu` (about an hour on one GPU), `cpu` (<= 15 min on 2
+cores), `smoke` (seconds; tests). Datasets: mnist, fmnist, celeba (32x32, unconditional).
 """
 import argparse
 import copy
@@ -112,12 +115,10 @@ PRESETS = {
     # One modern GPU, about an hour (an estimate, not measured): paper model and batch,
     # K = 4 and 60 epochs (900 steps) cut the compute 40x; sigma_dp = 1.29 at eps = 10.
     "gpu": dict(K=4, epochs=60.0, chunk=512, ckpt_every=100),
-    # <= 15 min on one CPU core (measured 12.5 min; CNN accuracy 85 % at eps = 10). At eps =
-    # 10 the DP noise is small (sigma_dp = 0.61); what limits is the budget of ~500k
-    # per-example gradients. So: a 48k-parameter U-Net on 14x14x4 pixel-unshuffled images
-    # (2.8x faster than 16 channels), B = 1000 for 510 steps (more steps beat a bigger batch:
-    # B = 3000 for 60 steps gave 20 %, 24 % even without noise), a high lr, and noise levels
-    # shifted up as DPDM advises when training is hard (P_mean -0.5: 79 %, P_mean 0: 85 %).
+    # <= 15 min on one CPU core (measured 12.5 min; CNN 86.7 % at eps = 10). What limits is
+    # the budget of ~500k per-example gradients, not the DP noise (sigma_dp = 0.61). So: a
+    # 48k-parameter U-Net on 14x14x4 pixel-unshuffled images, B = 1000 for 510 steps (B =
+    # 3000 for 60 steps gave 20 %), a high lr, and P_mean = 0 (P_mean -0.5: 79 %, 0: 85 %).
     "cpu": dict(channels=8, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2, K=1, batch=1000,
                 epochs=8.5, lr=3e-3, p_mean=0.0, sampler="heun", sample_steps=10,
                 guidance=1.0, chunk=250, ckpt_every=50, log_every=10),
@@ -134,17 +135,16 @@ EXPECTED_TIME = {"paper": "~50 A100-hours (third-party rerun: 13 h on 4x A100); 
 RUNTIME = {"chunk", "ckpt_every", "log_every", "num_samples", "sampler", "sample_steps",
            "s_churn", "s_min", "s_max", "s_noise", "guidance", "sigma_min", "sigma_max", "rho"}
 
-# The paper's two sampler settings as named options; keys are 04's Config fields, so
-# cfg = dataclasses.replace(cfg, **SAMPLER_SETTINGS[name]). Sources (nv-tlabs/DPDM):
-# "fid": the churn setting its README gives for the best FID (quoted for MNIST eps=1 from the
-#        paper's Tables 13-14; the eps=10 rows of those tables were not reachable offline).
-#        gamma = S_churn/N = 0.1 is below both DPDM's (1) and EDM's (sqrt2-1) churn limits.
-# "acc": its configs/mnist_28/sample_eps_10.0.yaml: deterministic DDIM, 50 steps, no guidance;
-#        the paper's eps=10 ablation gives DDIM CNN 97.7 % (vs 98.1 % for its tuned churn).
+# The paper's two sampler settings (Config fields; sources in nv-tlabs/DPDM):
+# "fid": the churn setting its README gives for the best FID (quoted for MNIST eps = 1; the
+#        eps = 10 rows of the paper's Tables 13-14 were not reachable offline).
+# "acc": configs/mnist_28/sample_eps_10.0.yaml: deterministic DDIM, 50 steps, no guidance
+#        (the paper's eps = 10 ablation: DDIM CNN 97.7 % vs 98.1 % for its tuned churn).
 SAMPLER_SETTINGS = {
     "fid": dict(sampler="churn", sample_steps=1000, s_churn=100.0, s_min=0.05, s_max=50.0,
                 s_noise=1.0, guidance=0.0, sigma_min=0.002, sigma_max=80.0, rho=7.0),
-    "acc": dict(sampler="ddim", sample_steps=50, guidance=0.0, sigma_min=0.002, sigma_max=80.0, rho=7.0),
+    "acc": dict(sampler="ddim", sample_steps=50, guidance=0.0, sigma_min=0.002,
+                sigma_max=80.0, rho=7.0),
 }
 
 
@@ -237,9 +237,8 @@ def check_idx_file(data, dataset, name, unverified=False):
     got = (hashlib.sha256(raw) if kind == "sha256-raw" else hashlib.md5(data)).hexdigest()
     if got != want and not unverified:
         raise UserError(f"{name}: checksum mismatch ({kind} {got} != {want}): the file is "
-                        f"corrupt or not {dataset} (for Fashion-MNIST only the official .gz "
-                        f"files have a published checksum). Delete it and fetch it again, or "
-                        f"pass --unverified to use it anyway (its IDX structure is checked).")
+                        f"corrupt or not {dataset}. Delete it and fetch it again, or pass "
+                        f"--unverified to use it anyway (its IDX structure is checked).")
     return parse_idx(raw, name)
 
 
@@ -265,8 +264,7 @@ def download(dataset, name, cache, mirrors=None):
 CELEBA_TRAIN_N = 162_770  # official split: 000001.jpg ... 162770.jpg are "train" (partition 0)
 CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip ('Align&Cropped "
                "Images') from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive link "
-               "there), pass its path or the unzipped img_align_celeba folder, and optionally put "
-               "Eval/list_eval_partition.txt next to it.")
+               "there) and pass its path, or the unzipped img_align_celeba folder, as --data-dir.")
 
 
 def center_crop_resize(img, resolution=32):
@@ -275,13 +273,13 @@ def center_crop_resize(img, resolution=32):
     a = np.asarray(img.convert("RGB"))
     c = min(a.shape[:2])
     top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
-    return np.asarray(Image.fromarray(a[top:top + c, left:left + c]).resize((resolution, resolution), Image.LANCZOS))
+    crop = Image.fromarray(a[top:top + c, left:left + c])
+    return np.asarray(crop.resize((resolution, resolution), Image.LANCZOS))
 
 
-def load_celeba(path, resolution=32, split="train"):
-    """uint8 (N, 3, res, res) from img_align_celeba.zip or its folder (the caller scales to
-    [-1, 1]). split='train' keeps partition 0 of list_eval_partition.txt when that file lies
-    beside the images, else the files numbered <= 162,770 (the same set); 'all' keeps all."""
+def load_celeba(path, resolution=32):
+    """uint8 (N, 3, res, res) of the official training split (files 000001-162770.jpg, the
+    partition 0 of list_eval_partition.txt) from img_align_celeba.zip or its folder."""
     path = Path(path)
     path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
     if path.suffix == ".zip" and path.is_file():
@@ -290,22 +288,15 @@ def load_celeba(path, resolution=32, split="train"):
     elif path.is_dir():
         names, read = {p.name: p for p in path.iterdir()}, Path.read_bytes
     else:
-        raise FileNotFoundError(f"no CelebA images at {path}. {CELEBA_HELP}")
-    keep = sorted(n for n in names if n.lower().endswith(".jpg"))
-    part = [p for p in (path.parent / "list_eval_partition.txt", path.parent / "Eval" / "list_eval_partition.txt")
-            if p.is_file()]
-    if split == "train" and part:
-        train = {line.split()[0] for line in part[0].read_text().splitlines() if line.split()[1:] == ["0"]}
-        keep = [n for n in keep if n in train]
-    elif split == "train":
-        keep = [n for n in keep if n[:-4].isdigit() and int(n[:-4]) <= CELEBA_TRAIN_N]
-    elif split != "all":
-        raise ValueError("split must be 'train' or 'all'")
+        raise UserError(f"no CelebA images at {path}. {CELEBA_HELP}")
+    keep = sorted(n for n in names if n.lower().endswith(".jpg") and n[:-4].isdigit()
+                  and int(n[:-4]) <= CELEBA_TRAIN_N)
     if not keep:
-        raise FileNotFoundError(f"no CelebA {split} images (*.jpg) in {path}. {CELEBA_HELP}")
+        raise UserError(f"no CelebA training images (000001.jpg ...) in {path}. {CELEBA_HELP}")
     out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
     for i, name in enumerate(keep):
-        out[i] = center_crop_resize(Image.open(io.BytesIO(read(names[name]))), resolution).transpose(2, 0, 1)
+        img = Image.open(io.BytesIO(read(names[name])))
+        out[i] = center_crop_resize(img, resolution).transpose(2, 0, 1)
         if (i + 1) % 20_000 == 0:
             print(f"  CelebA: {i + 1}/{len(keep)} images")
     return out
@@ -317,11 +308,7 @@ def load_data(dataset, data_dir=None, unverified=False):
     downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
     folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
     if dataset == "celeba":
-        try:
-            x = torch.from_numpy(load_celeba(folder))
-        except FileNotFoundError as e:
-            raise UserError(f"{e} Pass --data-dir PATH.")
-        return {"train": (x.float() / 127.5 - 1.0, None), "test": None}
+        return {"train": (torch.from_numpy(load_celeba(folder)) / 127.5 - 1.0, None), "test": None}
     help_ = (f"the four files {', '.join(IDX_FILES)} (.gz or raw) are at {MIRRORS[dataset][0]}; "
              f"offline, put them in a folder and pass --data-dir")
     arrays = []

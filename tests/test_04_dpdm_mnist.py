@@ -303,6 +303,18 @@ def test_missing_and_corrupt_data_files_are_refused(tmp_path):
             m.load_data("mnist", data, unverified=True)
 
 
+def test_fashion_mnist_trains_like_mnist_and_is_verified_by_md5_of_its_gz(tmp_path, monkeypatch):
+    data = tiny_mnist(tmp_path / "d")
+    with pytest.raises(m.UserError, match=r"checksum mismatch \(md5-gz"):
+        m.load_data("fmnist", data)
+    for name in m.IDX_FILES:  # pretend the tiny files are the published ones
+        path = next(p for p in (data / (name + ".gz"), data / name) if p.exists())
+        monkeypatch.setitem(m.CHECKSUMS["fmnist"], name, ("md5-gz", hashlib.md5(path.read_bytes()).hexdigest()))
+    run_main("--preset", "smoke", "--dataset", "fmnist", "--data-dir", data, "--out", tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["config"]["dataset"] == "fmnist" and metrics["n"] == N_TRAIN
+
+
 def test_download_tries_mirrors_and_verifies_checksums(tmp_path, monkeypatch):
     name = "train-labels-idx1-ubyte"
     mirror = tmp_path / "mirror"

@@ -307,21 +307,16 @@ def test_load_celeba_from_folder_and_zip(ev, celeba):
     assert np.array_equal(from_folder, from_zip)
     assert np.array_equal(ev.load_celeba(celeba), from_folder)  # the parent folder works too
     assert (from_folder[:, 2] > 200).all() and (from_folder[:, 0] < 60).all()  # red bands cropped away
-    assert ev.load_celeba(celeba / "img_align_celeba.zip", split="all").shape == (4, 3, 32, 32)
-
-
-def test_load_celeba_uses_the_partition_file_when_present(ev, celeba):
-    (celeba / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 1\n000003.jpg 2\n162771.jpg 0\n")
-    x = ev.load_celeba(celeba / "img_align_celeba.zip")
-    assert x.shape == (2, 3, 32, 32)
 
 
 def test_load_celeba_missing_files_give_instructions(ev, tmp_path):
-    with pytest.raises(FileNotFoundError, match="img_align_celeba.zip.*mmlab"):
+    with pytest.raises(ev.UserError, match="img_align_celeba.zip.*mmlab"):
         ev.load_celeba(tmp_path / "nothing_here.zip")
     (tmp_path / "img_align_celeba").mkdir()
-    with pytest.raises(FileNotFoundError, match="no CelebA train images"):
+    with pytest.raises(ev.UserError, match="no CelebA training images"):
         ev.load_celeba(tmp_path / "img_align_celeba")
+    with pytest.raises(SystemExit, match="no CelebA images.*--data-dir"):
+        ev.main(["--dataset", "celeba", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 
 
 def test_eval_only_writes_accuracies_and_sampler_settings(ev, tmp_path):
