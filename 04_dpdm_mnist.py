@@ -562,11 +562,12 @@ def clip_per_example(grads, clip):
 
 
 def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
-    """Sum over the logical batch of clipped per-example gradients, computed in physical
-    chunks of cfg.chunk examples so memory stays bounded. DIST: with several processes,
-    chunk j is computed by rank j mod (number of processes) and the partial sums are added
-    up (all-reduce); every rank still draws every chunk's randomness, so that all ranks'
-    generators stay identical (same next Poisson batch, same DP noise)."""
+    """Sum over the logical batch of clipped per-example gradients. The batch's randomness
+    (label dropout, noise levels, noise) is drawn first, then the gradients are computed in
+    physical chunks of cfg.chunk examples so memory stays bounded: the chunk size changes
+    the speed, not the result. DIST: each of the processes computes one contiguous share
+    of the batch and the partial sums are added up (all-reduce); all of them draw all of the
+    randomness, so their generators stay identical (same next batch, same DP noise)."""
     rank, size = world()
     params = {k: v.detach() for k, v in model.named_parameters()}
     total = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -578,19 +579,19 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
         yi = None if yi is None else yi[None]
         return diffusion_loss(net, xi[None], yi, si[None], ni[None], cfg.param)[0]
 
-    per_example_grads = vmap(grad_and_value(loss_one), in_dims=(None, 0, None if y is None else 0, 0, 0))
-    stats = {"loss": 0.0, "n": len(x), "norms": [], "clipped_norms": []}
-    for j, i in enumerate(range(0, len(x), cfg.chunk)):
-        xc = x[i:i + cfg.chunk]
-        yc = None if y is None else y[i:i + cfg.chunk].clone()
-        if yc is not None:  # label dropout (CFG): the whole example becomes unconditional
-            yc[torch.rand(len(yc), generator=gen, device=gen.device) < cfg.label_dropout] = n_classes
-        sigma = sample_sigma((len(xc), cfg.K), cfg, gen)
-        noise = torch.randn((len(xc), cfg.K, *xc.shape[1:]), generator=gen, device=gen.device)
-        if j % size != rank:
-            continue  # DIST: another rank's chunk
+    per_example_grads = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0 if y is not None else None, 0, 0))
+    b, dev = len(x), gen.device
+    if y is not None:  # label dropout (CFG): the whole example becomes unconditional
+        y = torch.where(torch.rand(b, generator=gen, device=dev) < cfg.label_dropout, n_classes, y)
+    sigma = sample_sigma((b, cfg.K), cfg, gen)
+    noise = torch.randn((b, cfg.K, *x.shape[1:]), generator=gen, device=dev)
+    share = -(-b // size)  # DIST: ceil(b / size) examples per process
+    first, last = rank * share, min(b, (rank + 1) * share)
+    stats = {"loss": 0.0, "n": b, "norms": [], "clipped_norms": []}
+    for i in range(first, last, cfg.chunk):
+        c = slice(i, min(i + cfg.chunk, last))
         with amp:
-            grads, losses = per_example_grads(params, xc, yc, sigma, noise)
+            grads, losses = per_example_grads(params, x[c], None if y is None else y[c], sigma[c], noise[c])
         clipped_sum, norms, factor = clip_per_example(grads, cfg.clip)
         for k in total:
             total[k] += clipped_sum[k]
@@ -601,12 +602,12 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
                 (factor.view(-1, *[1] * (g.dim() - 1)) * g).flatten(1).pow(2).sum(1)
                 for g in grads.values())))
     stats = {k: torch.cat(v) if isinstance(v, list) and v else v for k, v in stats.items()}
-    if size > 1:  # DIST: every rank now holds the clipped sum of the whole logical batch
+    if size > 1:  # DIST: every process now holds the clipped sum of the whole logical batch
         loss = torch.tensor(stats["loss"], device=x.device)
         for t in [*total.values(), loss]:
             dist.all_reduce(t)
         stats["loss"] = loss.item()
-    stats["loss"] /= max(len(x), 1)
+    stats["loss"] /= max(b, 1)
     return total, stats
 
 

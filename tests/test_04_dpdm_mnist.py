@@ -159,6 +159,22 @@ def test_clip_sum_equals_naive_per_example_loop():
         assert torch.allclose(total[k], want[k], atol=1e-6, rtol=1e-4), k
 
 
+def test_chunk_size_changes_speed_not_result():
+    """The logical batch's randomness is drawn before it is cut into physical chunks."""
+    torch.manual_seed(0)
+    model = m.build_model(m.Config(**m.PRESETS["smoke"]))
+    x, y = torch.rand(13, 1, 28, 28) * 2 - 1, torch.arange(13) % 10
+    runs = []
+    for chunk in (3, 13):
+        gen = torch.Generator().manual_seed(5)
+        total, _ = m.clipped_grad_sum(model, x, y, m.Config(**{**m.PRESETS["smoke"], "chunk": chunk}), gen, 10)
+        runs.append((total, gen.get_state()))
+    (a, state_a), (b, state_b) = runs
+    assert torch.equal(state_a, state_b)  # the same draws: the next batch and noise agree too
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
 def test_poisson_sampling_includes_each_example_independently():
     """Batch sizes are Binomial(n, q): right mean AND variance (a shuffled fixed-size batch,
     which the accountant does not cover, has none), every example equally likely."""
