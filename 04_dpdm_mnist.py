@@ -115,7 +115,7 @@ PRESETS = {
     # One modern GPU, about an hour (an estimate, not measured): paper model and batch,
     # K = 4 and 60 epochs (900 steps) cut the compute 40x; sigma_dp = 1.29 at eps = 10.
     "gpu": dict(K=4, epochs=60.0, chunk=512, ckpt_every=100),
-    # <= 15 min on one CPU core (measured 12.5 min; CNN 86.7 % at eps = 10). What limits is
+    # <= 15 min on one CPU core (measured 13 min; CNN 84-87 % at eps = 10). What limits is
     # the budget of ~500k per-example gradients, not the DP noise (sigma_dp = 0.61). So: a
     # 48k-parameter U-Net on 14x14x4 pixel-unshuffled images, B = 1000 for 510 steps (B =
     # 3000 for 60 steps gave 20 %), a high lr, and P_mean = 0 (P_mean -0.5: 79 %, 0: 85 %).
@@ -579,7 +579,8 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
         yi = None if yi is None else yi[None]
         return diffusion_loss(net, xi[None], yi, si[None], ni[None], cfg.param)[0]
 
-    per_example_grads = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0 if y is not None else None, 0, 0))
+    per_example_grads = vmap(grad_and_value(loss_one),
+                             in_dims=(None, 0, None if y is None else 0, 0, 0))
     b, dev = len(x), gen.device
     if y is not None:  # label dropout (CFG): the whole example becomes unconditional
         y = torch.where(torch.rand(b, generator=gen, device=dev) < cfg.label_dropout, n_classes, y)
@@ -591,7 +592,8 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
     for i in range(first, last, cfg.chunk):
         c = slice(i, min(i + cfg.chunk, last))
         with amp:
-            grads, losses = per_example_grads(params, x[c], None if y is None else y[c], sigma[c], noise[c])
+            yc = None if y is None else y[c]
+            grads, losses = per_example_grads(params, x[c], yc, sigma[c], noise[c])
         clipped_sum, norms, factor = clip_per_example(grads, cfg.clip)
         for k in total:
             total[k] += clipped_sum[k]
