@@ -591,8 +591,8 @@ def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
     stats = {"loss": 0.0, "n": b, "norms": [], "clipped_norms": []}
     for i in range(first, last, cfg.chunk):
         c = slice(i, min(i + cfg.chunk, last))
+        yc = None if y is None else y[c]
         with amp:
-            yc = None if y is None else y[c]
             grads, losses = per_example_grads(params, x[c], yc, sigma[c], noise[c])
         clipped_sum, norms, factor = clip_per_example(grads, cfg.clip)
         for k in total:
