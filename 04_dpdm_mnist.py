@@ -92,7 +92,8 @@ class Config:
     rho: float = 7.0
     num_samples: int = 10000
     # run-time knobs (do not change what is computed)
-    chunk: int = 256                # physical batch: examples per vmap call
+    chunk: int = 16                 # physical batch: examples per vmap call. Memory grows
+                                    # with chunk * K: 16 GB at 16 x 32 (paper U-Net, fp32)
     ckpt_every: int = 100           # steps between checkpoints
     log_every: int = 10
 
@@ -114,7 +115,7 @@ PRESETS = {
     "paper": dict(),
     # One modern GPU, about an hour (an estimate, not measured): paper model and batch,
     # K = 4 and 60 epochs (900 steps) cut the compute 40x; sigma_dp = 1.29 at eps = 10.
-    "gpu": dict(K=4, epochs=60.0, chunk=512, ckpt_every=100),
+    "gpu": dict(K=4, epochs=60.0, chunk=128, ckpt_every=100),
     # <= 15 min on one CPU core (measured 13 min; CNN 84-87 % at eps = 10). What limits is
     # the budget of ~500k per-example gradients, not the DP noise (sigma_dp = 0.61). So: a
     # 48k-parameter U-Net on 14x14x4 pixel-unshuffled images, B = 1000 for 510 steps (B =
@@ -130,7 +131,7 @@ PRESETS = {
 EXPECTED_TIME = {"paper": "~50 A100-hours (third-party rerun: 13 h on 4x A100); ~1 h per step "
                           "on one CPU core (measured), i.e. ~200 days",
                  "gpu": "~1 h on one modern GPU (an estimate, not measured)",
-                 "cpu": "~13 min on one CPU core: training ~11 min, 10k samples ~2 min",
+                 "cpu": "~13 min on one CPU core: training 10, 10k samples 2, evaluation 1",
                  "smoke": "seconds"}
 RUNTIME = {"chunk", "ckpt_every", "log_every", "num_samples", "sampler", "sample_steps",
            "s_churn", "s_min", "s_max", "s_noise", "guidance", "sigma_min", "sigma_max", "rho"}
@@ -155,7 +156,8 @@ class UserError(ValueError):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on CUDA, else cpu")
-    p.add_argument("--out", default="out/04_dpdm_mnist")
+    p.add_argument("--out", help="output folder; default out/04_dpdm_mnist, or with --sample-only "
+                                 "/ --eval-only the folder 'resampled' beside --ckpt")
     p.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw), offline")
     p.add_argument("--unverified", action="store_true",
                    help="accept IDX files in --data-dir that do not match the published "
@@ -182,7 +184,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
     if args.eval is None:  # evaluate after training by default, except in the smoke preset
-        args.eval = args.eval_only or not args.sample_only and args.preset != "smoke"
+        args.eval = not args.sample_only and args.preset != "smoke"
+    args.eval = args.eval or args.eval_only
+    from_ckpt = args.sample_only or args.eval_only  # never overwrite the training run's outputs
+    args.out = args.out or (str(Path(args.ckpt or ".").parent / "resampled") if from_ckpt
+                            else "out/04_dpdm_mnist")
     overrides = {f.name: getattr(args, f.name) for f in fields(Config)
                  if getattr(args, f.name) is not None}
     dataset = overrides.get("dataset", PRESETS[args.preset].get("dataset", "mnist"))
@@ -646,6 +652,7 @@ def ema_update(ema, model, step, max_decay):
 # ----------------------------------------------------------------------------- training
 def save_checkpoint(path, state):
     """Write to a temp file, then os.replace: a kill -9 mid-write leaves the old one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -673,7 +680,7 @@ def train(cfg, data, out, device, resume=False):
     print(f"U-Net: {n_params:,} parameters | N = {n} | q = {q:.5g} (expected batch {q * n:.0f}) "
           f"| {total_steps} steps | K = {cfg.K} | sigma_dp = {sigma_dp:.4f} for "
           f"(eps = {cfg.eps}, delta = {cfg.delta})" + (f" | {size} processes" if size > 1 else ""))
-    ckpt_path, step = out / "ckpt.pt", 0
+    ckpt_path, step, spent = out / "ckpt.pt", 0, 0.0  # spent: training seconds before resume
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if k not in RUNTIME
@@ -684,11 +691,13 @@ def train(cfg, data, out, device, resume=False):
                             f"or another --out to start a new run.")
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"]), gen.set_state(ck["rng"].cpu())
-        step = ck["step"]  # steps a crash lost after this checkpoint were never released
+        step, spent = ck["step"], ck["train_time_s"]
+        # steps a crash lost after this checkpoint were never released
         # (no checkpoint, no output), and are redone from the saved RNG state: counting
         # `step` covers every released step, exactly as in an uninterrupted run.
         print(f"resumed from {ckpt_path} at step {step}: eps spent so far "
-              f"{epsilon(q, sigma_dp, step, cfg.delta):.4f}")
+              f"{epsilon(q, sigma_dp, step, cfg.delta):.4f}"
+              + (" (training had finished: sampling again)" if step == total_steps else ""))
     elif resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
 
@@ -705,6 +714,7 @@ def train(cfg, data, out, device, resume=False):
             "config": json.loads(json.dumps(asdict(cfg))), "n": n, "step": step,
             "q": q, "sigma_dp": sigma_dp, "total_steps": total_steps, "n_params": n_params,
             "eps_spent": epsilon(q, sigma_dp, step, cfg.delta), "model": model.state_dict(),
+            "train_time_s": spent + time.time() - t0,
             "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state()})
 
     t0, seen, start = time.time(), 0, step
@@ -726,7 +736,7 @@ def train(cfg, data, out, device, resume=False):
     # (the printed loss is a statistic of private data outside the DP guarantee: monitor
     #  it, do not publish it; nothing of it goes into metrics.json)
     return ema, {"q": q, "sigma_dp": sigma_dp, "steps": step, "total_steps": total_steps,
-                 "n": n, "n_params": n_params, "train_time_s": time.time() - t0,
+                 "n": n, "n_params": n_params, "train_time_s": spent + time.time() - t0,
                  "eps_spent": epsilon(q, sigma_dp, step, cfg.delta)}
 
 
@@ -771,11 +781,15 @@ def generate(net, cfg, num, device, batch=1000, seed=1):
     -> uint8 images [num, H, W] (grayscale) or [num, H, W, 3], and the labels."""
     gen = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(num, device=device) % max(net.n_classes, 1)
-    xs = []
+    xs, t0 = [], time.time()
     for i in range(0, num, batch):
         y = labels[i:i + batch]
         shape = (len(y), *net.img_shape)
         xs.append(edm_sampler(net, y if net.n_classes else None, cfg, gen, shape, cfg.param).cpu())
+        done, el = i + len(y), time.time() - t0
+        if done < num:
+            print(f"  {done}/{num} samples | {el / 60:.1f} min, {el / done * (num - done) / 60:.1f} "
+                  f"min left", flush=True)
     x = torch.cat(xs).permute(0, 2, 3, 1)
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return (x[..., 0] if x.shape[-1] == 1 else x), labels.cpu().numpy()
@@ -788,6 +802,7 @@ def save_outputs(out, x, y, cfg, summary, n_classes=10, cols=10):
             [x[i:i + cols] for i in range(0, min(len(x), cols * cols), cols)])
     grid = np.concatenate([np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1)
                            for r in rows], 0)
+    out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out / "grid.png")
     np.savez_compressed(out / "samples.npz", x=x, y=y)
     metrics = {"config": asdict(cfg), "delta": cfg.delta, "eps_target": cfg.eps, **summary,
@@ -1035,7 +1050,6 @@ def main(argv=None):
     if args.device.startswith("cuda"):  # TF32 for the network; DP maths is explicit fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         if args.sample_only or args.eval_only:
             if not args.ckpt or not Path(args.ckpt).exists():
@@ -1050,6 +1064,8 @@ def main(argv=None):
             summary = {k: ck[k] for k in ("q", "sigma_dp", "total_steps", "n", "n_params",
                                           "eps_spent")}
             summary["steps"] = ck["step"]
+            # read the data before sampling: an evaluation must not fail after hours of it
+            data = load_data(cfg.dataset, args.data_dir, args.unverified) if args.eval else None
         else:
             print(f"preset '{args.preset}' ({EXPECTED_TIME[args.preset]}). DPDM's own "
                   f"configuration: --preset paper")
@@ -1069,9 +1085,7 @@ def main(argv=None):
         save_outputs(out, x, y, cfg, summary, ema.n_classes)
         print(f"(eps, delta) = ({summary['eps_spent']:.4f}, {cfg.delta}) after "
               f"{summary['steps']} steps; sigma_dp = {summary['sigma_dp']:.4f}, q = {summary['q']:.5g}")
-        if args.eval or args.eval_only:
-            if args.sample_only or args.eval_only:
-                data = load_data(cfg.dataset, args.data_dir, args.unverified)
+        if args.eval:
             evaluate(out, x, y, data, cfg, args)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -79,6 +79,34 @@ def test_sample_only_regenerates_from_checkpoint(smoke_run, tmp_path):
     assert metrics["eps_spent"] == json.loads((out / "metrics.json").read_text())["eps_spent"]
 
 
+
+def test_sampling_from_a_checkpoint_never_overwrites_the_training_run(smoke_run, tmp_path):
+    data, out = smoke_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("ckpt.pt", "metrics.json"):
+        (run_dir / name).write_bytes((out / name).read_bytes())
+    before = (run_dir / "metrics.json").read_text()
+    run_main("--sample-only", "--ckpt", run_dir / "ckpt.pt", "--num-samples", 10)
+    assert (run_dir / "resampled" / "samples.npz").exists()
+    assert (run_dir / "metrics.json").read_text() == before
+    # --eval-only reads the test data before it samples: a missing file fails at once
+    with pytest.raises(SystemExit, match="missing"):
+        run_main("--eval-only", "--ckpt", run_dir / "ckpt.pt", "--data-dir", tmp_path / "none",
+                 "--out", tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_resuming_a_finished_run_keeps_its_training_time(smoke_run, tmp_path):
+    data, out = smoke_run
+    for name in ("ckpt.pt", "metrics.json"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    first = json.loads((out / "metrics.json").read_text())
+    run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", tmp_path, "--resume")
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again["steps"] == first["steps"] and again["eps_spent"] == first["eps_spent"]
+    assert again["train_time_s"] == pytest.approx(first["train_time_s"], abs=0.5)
+
 # --------------------------------------------------------------------------- accountant
 def test_reported_eps_is_the_accountant_and_within_target(smoke_run):
     metrics = json.loads((smoke_run[1] / "metrics.json").read_text())
