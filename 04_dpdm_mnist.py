@@ -691,7 +691,7 @@ def train(cfg, data, out, device, resume=False):
                             f"or another --out to start a new run.")
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"]), gen.set_state(ck["rng"].cpu())
-        step, spent = ck["step"], ck["train_time_s"]
+        step, spent = ck["step"], ck.get("train_time_s", 0.0)
         # steps a crash lost after this checkpoint were never released
         # (no checkpoint, no output), and are redone from the saved RNG state: counting
         # `step` covers every released step, exactly as in an uninterrupted run.
