@@ -658,6 +658,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def load_checkpoint(path, device):
+    """A checkpoint of this script (it holds our own pickled objects: load only your own)."""
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if "summary" not in ck:
+        raise UserError(f"{path} was written by an older version of this script: train again")
+    return ck
+
+
 def train(cfg, data, out, device, resume=False):
     """DP-SGD training; returns (ema model, summary dict). Checkpoints to out/ckpt.pt.
     DIST (torchrun): every rank runs this same loop from the same seed. The Poisson batch,
@@ -682,16 +690,16 @@ def train(cfg, data, out, device, resume=False):
           f"(eps = {cfg.eps}, delta = {cfg.delta})" + (f" | {size} processes" if size > 1 else ""))
     ckpt_path, step, spent = out / "ckpt.pt", 0, 0.0  # spent: training seconds before resume
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = load_checkpoint(ckpt_path, device)
         diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if k not in RUNTIME
                 and ck["config"].get(k) != (list(v) if isinstance(v, tuple) else v)}
-        if diff or ck["n"] != n:
+        if diff or ck["summary"]["n"] != n:
             raise UserError(f"{ckpt_path} belongs to another configuration (checkpoint vs now: "
-                            f"{diff or {'N': (ck['n'], n)}}). Use the same flags to resume, "
-                            f"or another --out to start a new run.")
+                            f"{diff or {'N': (ck['summary']['n'], n)}}). Use the same flags to "
+                            f"resume, or another --out to start a new run.")
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"]), gen.set_state(ck["rng"].cpu())
-        step, spent = ck["step"], ck.get("train_time_s", 0.0)
+        step, spent = ck["summary"]["steps"], ck["summary"]["train_time_s"]
         # steps a crash lost after this checkpoint were never released
         # (no checkpoint, no output), and are redone from the saved RNG state: counting
         # `step` covers every released step, exactly as in an uninterrupted run.
@@ -700,6 +708,11 @@ def train(cfg, data, out, device, resume=False):
               + (" (training had finished: sampling again)" if step == total_steps else ""))
     elif resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
+
+    def summary():  # what a run reports: in every checkpoint and in metrics.json
+        return {"q": q, "sigma_dp": sigma_dp, "steps": step, "total_steps": total_steps, "n": n,
+                "n_params": n_params, "train_time_s": spent + time.time() - t0,
+                "eps_spent": epsilon(q, sigma_dp, step, cfg.delta)}
 
     def checkpoint():
         if size > 1:  # DIST: a diverged rank would be a bug; fail loudly, never silently
@@ -711,11 +724,9 @@ def train(cfg, data, out, device, resume=False):
         if rank > 0:
             return
         save_checkpoint(ckpt_path, {
-            "config": json.loads(json.dumps(asdict(cfg))), "n": n, "step": step,
-            "q": q, "sigma_dp": sigma_dp, "total_steps": total_steps, "n_params": n_params,
-            "eps_spent": epsilon(q, sigma_dp, step, cfg.delta), "model": model.state_dict(),
-            "train_time_s": spent + time.time() - t0,
-            "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state()})
+            "config": json.loads(json.dumps(asdict(cfg))), "summary": summary(),
+            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "rng": gen.get_state()})
 
     t0, seen, start = time.time(), 0, step
     while step < total_steps:
@@ -735,9 +746,7 @@ def train(cfg, data, out, device, resume=False):
                   f" | {el / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
     # (the printed loss is a statistic of private data outside the DP guarantee: monitor
     #  it, do not publish it; nothing of it goes into metrics.json)
-    return ema, {"q": q, "sigma_dp": sigma_dp, "steps": step, "total_steps": total_steps,
-                 "n": n, "n_params": n_params, "train_time_s": spent + time.time() - t0,
-                 "eps_spent": epsilon(q, sigma_dp, step, cfg.delta)}
+    return ema, summary()
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1055,15 +1064,13 @@ def main(argv=None):
             if not args.ckpt or not Path(args.ckpt).exists():
                 raise UserError(f"--sample-only and --eval-only need --ckpt PATH of an "
                                 f"existing checkpoint (got {args.ckpt})")
-            ck = torch.load(args.ckpt, map_location=args.device, weights_only=False)
+            ck = load_checkpoint(args.ckpt, args.device)
             saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"].items()}
             overrides = {k: getattr(cfg, k) for k in RUNTIME if getattr(args, k) is not None}
             cfg = Config(**{**saved, **overrides})
             ema = build_model(cfg).to(args.device)
             ema.load_state_dict(ck["ema"])
-            summary = {k: ck[k] for k in ("q", "sigma_dp", "total_steps", "n", "n_params",
-                                          "eps_spent")}
-            summary["steps"] = ck["step"]
+            summary = ck["summary"]
             # read the data before sampling: an evaluation must not fail after hours of it
             data = load_data(cfg.dataset, args.data_dir, args.unverified) if args.eval else None
         else:

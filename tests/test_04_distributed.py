@@ -35,8 +35,9 @@ def single(tmp_path_factory):
 
 
 def assert_same_run(a, b):
-    assert a["step"] == b["step"] == a["total_steps"] == 12
-    assert (a["q"], a["sigma_dp"], a["eps_spent"]) == (b["q"], b["sigma_dp"], b["eps_spent"])
+    sa, sb = a["summary"], b["summary"]
+    assert sa["steps"] == sb["steps"] == sa["total_steps"] == 12
+    assert (sa["q"], sa["sigma_dp"], sa["eps_spent"]) == (sb["q"], sb["sigma_dp"], sb["eps_spent"])
     assert torch.equal(a["rng"], b["rng"])  # same batches and noise drawn, in the same order
     for part in ("model", "ema"):  # equal up to the order in which the clipped sums are added
         for k in a[part]:
@@ -49,7 +50,7 @@ def test_two_gloo_processes_train_the_single_process_model(single, tmp_path):
     assert_same_run(want, torch.load(tmp_path / "ckpt.pt", weights_only=False))
     assert "| 2 processes" in log and log.count("step    12/12") == 1  # rank 0 alone prints
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["eps_spent"] == want["eps_spent"] <= metrics["eps_target"]
+    assert metrics["eps_spent"] == want["summary"]["eps_spent"] <= metrics["eps_target"]
 
 
 def test_two_processes_resume_a_checkpoint_and_finish_the_same_run(single, tmp_path, monkeypatch):
@@ -60,13 +61,13 @@ def test_two_processes_resume_a_checkpoint_and_finish_the_same_run(single, tmp_p
 
     def crash_after_step_4(path, state):
         real_save(path, state)
-        if state["step"] == 4:
+        if state["summary"]["steps"] == 4:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(m, "save_checkpoint", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         m.main([*ARGS, "--data-dir", str(data), "--out", str(tmp_path)])
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["summary"]["steps"] == 4
     log = torchrun(*ARGS, "--data-dir", data, "--out", tmp_path, "--resume")
     assert "resumed from" in log and "at step 4" in log
     assert_same_run(want, torch.load(tmp_path / "ckpt.pt", weights_only=False))

@@ -279,7 +279,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
     def crash_after_second_save(path, state):  # simulated crash right after a checkpoint
         real_save(path, state)
-        saves.append(state["step"])
+        saves.append(state["summary"]["steps"])
         if len(saves) == 2:
             raise KeyboardInterrupt
 
@@ -312,7 +312,7 @@ def test_resume_after_sigkill(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # kill -9, possibly in the middle of a write
     finally:
         proc.wait()
-    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    step = torch.load(out / "ckpt.pt", weights_only=False)["summary"]["steps"]
     assert 0 < step < total, "the run was not interrupted mid-way"
     subprocess.run(cmd + ["--resume"], check=True, capture_output=True, timeout=300)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -381,3 +381,11 @@ def test_checkpoint_of_another_configuration_is_refused(smoke_run, tmp_path):
     with pytest.raises(SystemExit, match="another configuration.*lr"):
         run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", tmp_path,
                  "--resume", "--lr", "0.5")
+
+
+def test_checkpoint_of_an_older_format_is_refused_clearly(smoke_run, tmp_path):
+    torch.save({"config": {}, "step": 3}, tmp_path / "ckpt.pt")
+    for flags in (["--sample-only", "--ckpt", tmp_path / "ckpt.pt"],
+                  ["--preset", "smoke", "--data-dir", smoke_run[0], "--unverified", "--resume"]):
+        with pytest.raises(SystemExit, match="older version of this script"):
+            run_main(*flags, "--out", tmp_path)
