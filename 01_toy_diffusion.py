@@ -62,9 +62,9 @@ def parse_args(argv=None):
 WEIGHTS = torch.tensor([0.3, 0.5, 0.2])
 MEANS = torch.tensor([-0.7, 0.15, 0.85])
 STDS = torch.tensor([0.10, 0.12, 0.05])
-# EDM sets sigma_data = std of the data, so that c_in x and F's training target have unit variance
-# at every sigma. DPDM uses sqrt(1/3), the std of Uniform[-1, 1], for images in [-1, 1]; our
-# mixture lives in [-1, 1] too and its std (0.559) is close, so we keep DPDM's value.
+# sigma_data = sqrt(1/3), the std of the uniform distribution on [-1, 1]: DPDM's public constant for
+# data scaled to [-1, 1], fixed in advance and never estimated from the (private) data. EDM wants it
+# near the data's std, so that c_in x and F's target have about unit variance (our mixture: 0.56).
 SIGMA_DATA = math.sqrt(1 / 3)
 P_MEAN, P_STD = -1.2, 1.2  # ln sigma ~ N(P_mean, P_std^2) during training (EDM, DPDM)
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM / DPDM sampler defaults
@@ -77,7 +77,7 @@ def sample_gmm(n, weights=WEIGHTS, means=MEANS, stds=STDS, generator=None):
     return means[k] + stds[k] * torch.randn(n, generator=generator, dtype=means.dtype)
 
 
-def add_noise(x0, sigma, generator=None):
+def diffuse(x0, sigma, generator=None):
     """Forward process x_sigma = x_0 + sigma n, n ~ N(0, 1); its marginal is p(x; sigma)."""
     return x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
 
@@ -111,26 +111,39 @@ def edm_precond(sigma, sigma_data=SIGMA_DATA):
     return c_skip, c_out, c_in, sigma.log() / 4
 
 
-class MLPDenoiser(nn.Module):
-    """D_theta(x; sigma) = c_skip x + c_out F_theta(c_in x, c_noise); F: 3 hidden SiLU layers."""
+class ToyMLP(nn.Module):
+    """F_theta(c_in x, c_noise) for 1-D data, applied elementwise: `layers` hidden SiLU layers."""
 
-    def __init__(self, hidden=64):
+    def __init__(self, hidden=64, layers=3):
         super().__init__()
-        self.F = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(),
-                               nn.Linear(hidden, hidden), nn.SiLU(),
-                               nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        body = [nn.Linear(2, hidden), nn.SiLU()]
+        for _ in range(layers - 1):
+            body += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.mlp = nn.Sequential(*body, nn.Linear(hidden, 1))
+
+    def forward(self, x, c_noise):
+        return self.mlp(torch.stack([x, c_noise], -1)).squeeze(-1)
+
+
+class EDMDenoiser(nn.Module):
+    """D_theta(x; sigma) = c_skip x + c_out F_theta(c_in x, c_noise); every entry of x is one 1-D
+    example, sigma broadcasts against x."""
+
+    def __init__(self, net, sigma_data=SIGMA_DATA):
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
 
     def forward(self, x, sigma):
         sigma = torch.as_tensor(sigma, dtype=x.dtype).expand_as(x)
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma)
-        return c_skip * x + c_out * self.F(torch.stack([c_in * x, c_noise], -1)).squeeze(-1)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
 
 # ---- objective: lambda-weighted denoising loss with noise multiplicity K ----
-def draw_sigma_and_noise(batch, K, generator=None):
-    """K draws per example: ln sigma ~ N(P_mean, P_std^2), n ~ N(0, 1); both of shape (batch, K)."""
-    sigma = (P_MEAN + P_STD * torch.randn(batch, K, generator=generator)).exp()
-    return sigma, torch.randn(batch, K, generator=generator)
+def draw_sigma_and_noise(x, K, generator=None, p_mean=P_MEAN, p_std=P_STD):
+    """K draws per example of x [B]: ln sigma ~ N(p_mean, p_std^2), n ~ N(0, 1); both [B, K]."""
+    sigma = (p_mean + p_std * torch.randn(x.shape[0], K, generator=generator, dtype=x.dtype)).exp()
+    return sigma, torch.randn(x.shape[0], K, *x.shape[1:], generator=generator, dtype=x.dtype)
 
 
 def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
@@ -145,13 +158,13 @@ def train_denoiser(x_train, steps, batch, K, lr, seed, hidden, log_every=500):
     """Adam on the mean per-example loss; cosine-decayed learning rate. Deterministic given seed."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = MLPDenoiser(hidden)
+    model = EDMDenoiser(ToyMLP(hidden))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start, running = time.time(), 0.0
     for step in range(1, steps + 1):
         x0 = x_train[torch.randint(len(x_train), (batch,), generator=gen)]
-        loss = edm_loss(model, x0, *draw_sigma_and_noise(batch, K, gen)).mean()
+        loss = edm_loss(model, x0, *draw_sigma_and_noise(x0, K, gen)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,8 +179,9 @@ def train_denoiser(x_train, steps, batch, K, lr, seed, hidden, log_every=500):
 
 
 def gradient_variance_vs_K(model, x0, Ks=(1, 2, 4, 8, 16), reps=256, generator=None):
-    """For each K: trace of the covariance, over reps noise draws, of one example's gradient of
-    edm_loss, averaged over the examples x0. Per-example gradients via torch.func, as in DP-SGD."""
+    """For each K: (variance, its standard error). variance = trace of the covariance, over reps
+    noise draws, of one example's gradient of edm_loss, averaged over the examples x0.
+    Per-example gradients via torch.func, as in DP-SGD."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_one(p, x, sigma, n):  # one example x with its K draws (sigma, n)
@@ -177,10 +191,13 @@ def gradient_variance_vs_K(model, x0, Ks=(1, 2, 4, 8, 16), reps=256, generator=N
     per_example_grad = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))
     variances = {}
     for K in Ks:
-        sigma, n = draw_sigma_and_noise(len(x0) * reps, K, generator)
-        g = per_example_grad(params, x0.repeat_interleave(reps), sigma, n)
+        x = x0.repeat_interleave(reps)  # each example reps times, each time with fresh draws
+        g = per_example_grad(params, x, *draw_sigma_and_noise(x, K, generator))
         flat = torch.cat([v.reshape(len(x0), reps, -1) for v in g.values()], -1)
-        variances[K] = flat.var(dim=1).sum(-1).mean().item()
+        # squared distances to the example's mean gradient; their mean is the (unbiased) variance
+        sq = (flat - flat.mean(1, keepdim=True)).pow(2).sum(-1) * reps / (reps - 1)  # [examples, reps]
+        se = (sq.var(1) / reps).sum().sqrt() / len(x0)  # standard error of the mean over both axes
+        variances[K] = (sq.mean().item(), se.item())
     return variances
 
 
@@ -248,7 +265,7 @@ def component_fractions(x):
 def denoiser_rmse(denoiser, sigma, n=4000, generator=None):
     """RMS over x ~ p(x; sigma) of D(x; sigma) - D*(x; sigma). E lambda|D - x0|^2 is the minimum
     loss E lambda|D* - x0|^2 plus lambda E|D - D*|^2: training drives exactly this to zero."""
-    x = add_noise(sample_gmm(n, generator=generator), sigma, generator)
+    x = diffuse(sample_gmm(n, generator=generator), sigma, generator)
     return (denoiser(x, sigma) - gmm_denoiser(x, sigma)).pow(2).mean().sqrt().item()
 
 
@@ -309,10 +326,15 @@ def main():
         print(f"  sigma {s:7.3f}: {denoiser_rmse(model, s, generator=gen):.4f}")
     print("  (ln 80 is 4.6 P_std above P_mean: hardly trained, but there x >> D anyway)")
 
-    print("[noise multiplicity] per-example gradient variance vs K, 8 examples x 256 draws each")
+    print("[noise multiplicity] variance of one example's loss gradient over its K noise draws\n"
+          "  (8 examples x 256 repetitions, +- 1 standard error). K iid draws averaged:\n"
+          "  variance(K) = variance(1) / K, so the last column should read 1")
     var = gradient_variance_vs_K(model, x_train[:8], generator=gen)
-    for K, v in var.items():
-        print(f"  K = {K:2d}: variance {v:9.4f}  K var / var(K=1) = {K * v / var[1]:.3f}  (1/K: 1)")
+    v1, se1 = var[1]
+    for K, (v, se) in var.items():
+        r = K * v / v1
+        print(f"  K = {K:2d}: variance {v:8.3f} +- {se:6.3f}   K * variance / variance(K=1) = "
+              f"{r:.3f} +- {r * math.hypot(se / v, se1 / v1):.3f}")
 
     sigmas, reference = edm_sigma_steps(args.num_steps), sample_gmm(200_000, generator=gen)
     floor = wasserstein1(sample_gmm(args.samples, generator=gen), reference)

@@ -19,19 +19,38 @@ Noise multiplicity (DPDM Sec. 3): the diffusion loss of ONE example averages K n
 and is clipped once: the sensitivity is still C, so the privacy cost does not depend on K,
 while the per-example gradient variance falls like 1/K.
 
-The demo trains the 1-D toy denoiser of chapter 01 (re-expressed below: an MLP with EDM
-preconditioning, Karras et al. 2022, Table 1) privately and plots what clipping, noise and K do.
-We write sigma_DP as `noise_multiplier` so it is never confused with the diffusion level sigma.
+The demo trains a 1-D toy denoiser like chapter 01's privately and plots what clipping, noise
+and K do. Same as 01 (re-expressed below, since no chapter imports another): sigma_data, the
+lambda-weighted loss, EDM preconditioning (Karras et al. 2022, Table 1), an MLP F on
+(c_in x, c_noise). What differs: F is smaller (2 hidden layers of 32, 1,185 parameters, not 3
+of 64), since the DP noise norm grows like sqrt(#parameters); data have shape [N, 1], so that
+the same functions run on images [N, C, H, W]; and the data are an easier two-component
+mixture, 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.15^2): on 01's three components, 600 DP steps
+hardly leave the initial loss (0.97-0.99 vs 0.99) and K = 4, 16 do no better than K = 1
+(measured over 3 noise seeds). We write sigma_DP as
+`noise_multiplier` so it is never confused with the diffusion level sigma.
+
+The mechanism's randomness must be secret. Whoever knows every example but one, and the seed,
+can replay training with and without that example and see which run gives the released model,
+however large sigma_DP is. So the Poisson sampling, diffusion draws and DP noise of training
+come from secret_generator(), seeded with 63 bits of OS entropy that are never printed or saved;
+--seed fixes only what is public (initial weights, the toy data, the figures), and
+--insecure-noise-seed N (debugging, tests) makes training reproducible and voids the guarantee.
+torch's generator (a Mersenne Twister) seeded this way is unpredictable to someone who does not
+see its raw outputs, but it is not a cryptographically secure generator, and floating-point
+Gaussian samples leak through their low-order bits (Mironov 2012); for a deployment, Opacus'
+secure_mode (a CSPRNG via torchcsprng, each Gaussian a sum of several draws) is the reference.
 """
 import argparse
 import math
 import pathlib
+import secrets
 import time
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 
 def parse_args(argv=None):
@@ -44,52 +63,70 @@ def parse_args(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16], help="noise multiplicities")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=32, help="width of the toy MLP")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="PUBLIC randomness only: initial weights, toy data, figures")
+    p.add_argument("--insecure-noise-seed", type=int, default=None, metavar="N",
+                   help="reproducible training randomness (Poisson sampling, noise) for debugging; "
+                        "voids the privacy guarantee: the noise seed is known")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/02_dpsgd_from_scratch"))
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- data
-SIGMA_DATA = 0.5  # public constant fixed before seeing data: estimating it from the data would leak
+# sigma_data = sqrt(1/3), the std of the uniform distribution on [-1, 1]: DPDM's public constant for
+# data scaled to [-1, 1], fixed in advance and never estimated from the private data (that would
+# leak, and cost privacy budget).
+SIGMA_DATA = math.sqrt(1 / 3)
 
 
 def sample_toy_data(n, generator):
-    """1-D Gaussian mixture: 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.15^2), shape [n, 1]."""
+    """1-D Gaussian mixture in [-1, 1]: 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.15^2), shape [n, 1].
+    Not chapter 01's three components: see the module docstring for why."""
     left = torch.rand(n, generator=generator) < 0.4
     z = torch.randn(n, generator=generator)
     return torch.where(left, -0.6 + 0.1 * z, 0.5 + 0.15 * z)[:, None]
 
 
 # ----------------------------------------------------------------------------- model
-class ToyNet(nn.Module):
-    """F_theta(c_in x, c_noise): a small MLP on the (1-D input, noise level) pair."""
+def edm_precond(sigma, sigma_data=SIGMA_DATA):
+    """EDM Table 1: (c_skip, c_out, c_in, c_noise) at noise level sigma."""
+    sigma = torch.as_tensor(sigma)
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
 
-    def __init__(self, hidden=32):
+
+class ToyMLP(nn.Module):
+    """F_theta(c_in x, c_noise) for x [B, 1]: chapter 01's MLP, `layers` hidden SiLU layers."""
+
+    def __init__(self, hidden=32, layers=2):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                 nn.SiLU(), nn.Linear(hidden, 1))
+        body = [nn.Linear(2, hidden), nn.SiLU()]
+        for _ in range(layers - 1):
+            body += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.mlp = nn.Sequential(*body, nn.Linear(hidden, 1))
 
     def forward(self, x, c_noise):
         return self.mlp(torch.cat([x, c_noise[:, None]], dim=1))
 
 
 class EDMDenoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)  (EDM Table 1), for any input shape."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)  (EDM Table 1), for x [B, ...], sigma [B]."""
 
     def __init__(self, net, sigma_data=SIGMA_DATA):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 
     def forward(self, x, sigma):
-        s, sd = sigma.reshape(-1, *[1] * (x.dim() - 1)), self.sigma_data
-        c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1 / (s**2 + sd**2).sqrt()
-        return c_skip * x + c_out * self.net(c_in * x, sigma.log() / 4)
+        s = sigma.reshape(-1, *[1] * (x.dim() - 1))  # one sigma per example, for all its entries
+        c_skip, c_out, c_in, c_noise = edm_precond(s, self.sigma_data)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- objective
-def draw_diffusion_noise(x, K, generator, p_mean=-1.2, p_std=1.2):
+def draw_sigma_and_noise(x, K, generator, p_mean=-1.2, p_std=1.2):
     """K draws per example: ln sigma ~ N(p_mean, p_std^2) [B, K] and n ~ N(0, I) [B, K, *x]."""
     sigma = (p_mean + p_std * torch.randn(x.shape[0], K, generator=generator, dtype=x.dtype)).exp()
     n = torch.randn(x.shape[0], K, *x.shape[1:], generator=generator, dtype=x.dtype)
@@ -125,7 +162,7 @@ def check_no_batchnorm(model):
 
 
 def per_example_grads(model, loss_fn, *batch, chunk_size=None):
-    """{name: [B, *param.shape]}: gradient of each example's loss, via torch.func.
+    """(grads {name: [B, *param.shape]}, losses [B]): each example's loss and its gradient.
 
     loss_fn(model, *batch) -> per-example losses [B], for any callable `model`. vmap runs the
     gradient of ONE example's loss over the batch; chunk_size bounds how many examples vmap
@@ -140,17 +177,19 @@ def per_example_grads(model, loss_fn, *batch, chunk_size=None):
         stateless_model = lambda *inputs: functional_call(model, (params, buffers), inputs)
         return loss_fn(stateless_model, *[t.unsqueeze(0) for t in example])[0]  # batch of one
 
-    # randomness="different": dropout, if any, draws a different mask for every example
-    return vmap(grad(loss_of_one), in_dims=(None,) + (0,) * len(batch),
+    # grad_and_value: the loss comes with its gradient at no extra cost. randomness="different":
+    # dropout, if any, draws a different mask for every example.
+    return vmap(grad_and_value(loss_of_one), in_dims=(None,) + (0,) * len(batch),
                 chunk_size=chunk_size, randomness="different")(params, *batch)
 
 
 def naive_per_example_grads(model, loss_fn, *batch):
-    """The slow, obviously correct reference: one backward pass per example."""
+    """The slow, obviously correct reference: one backward pass per example; (grads, losses)."""
     names, params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad])
-    rows = [torch.autograd.grad(loss_fn(model, *[t[i:i + 1] for t in batch])[0], params)
-            for i in range(batch[0].shape[0])]
-    return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
+    losses = [loss_fn(model, *[t[i:i + 1] for t in batch])[0] for i in range(batch[0].shape[0])]
+    rows = [torch.autograd.grad(loss, params) for loss in losses]
+    grads = {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
+    return grads, torch.stack(losses).detach() if losses else torch.zeros(0)
 
 
 def per_example_norms(grads):
@@ -167,11 +206,19 @@ def clip_per_example(grads, C):
     return {k: g * factor.reshape(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
 
 
-def add_noise(summed, noise_multiplier, C, generator):
+def secret_generator(device="cpu", insecure_seed=None):
+    """The mechanism's randomness: a generator seeded with 63 bits of OS entropy, never shown.
+
+    insecure_seed (debugging, tests) makes it reproducible and voids the privacy guarantee:
+    whoever knows it can replay the sampling and the noise (see the module docstring)."""
+    seed = secrets.randbits(63) if insecure_seed is None else insecure_seed
+    return torch.Generator(device).manual_seed(seed)
+
+
+def add_dp_noise(summed, noise_multiplier, C, generator):
     """summed + N(0, sigma_DP^2 C^2 I): noise std is proportional to the sensitivity C.
 
-    torch's generator is fine for teaching; a deployment wants a cryptographically secure
-    source and care with floating point (Mironov 2012)."""
+    generator must be secret (secret_generator()): noise that can be replayed protects nothing."""
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if noise_multiplier > 0 and not math.isfinite(C):
@@ -195,46 +242,53 @@ def poisson_sample(n, q, generator):
 
 def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
                      generator, chunk_size=None):
-    """(sum_i clip(g_i) + N(0, sigma_DP^2 C^2 I)) / (qN), and the unclipped norms [B].
+    """(sum_i clip(g_i) + N(0, sigma_DP^2 C^2 I)) / (qN), and info = {"norms": unclipped
+    per-example gradient norms [B], "losses": per-example losses [B]}.
 
-    Memory stays bounded: per-example gradients live only one chunk at a time. The norms are
-    NOT private (no noise): use them to look, as the demo does, never publish or tune C on them."""
+    Memory stays bounded: per-example gradients live only one chunk at a time. info is NOT
+    private (no noise): use it to look, as the demo does, never publish or tune C on it."""
     if not expected_batch_size > 0:
         raise ValueError(f"expected_batch_size = qN must be > 0, got {expected_batch_size}")
     summed = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
-    B, step, norms = batch[0].shape[0], chunk_size or max(batch[0].shape[0], 1), []
+    B, step = batch[0].shape[0], chunk_size or max(batch[0].shape[0], 1)
+    norms, losses = [torch.zeros(0)], [torch.zeros(0)]
     for start in range(0, B, step):  # an empty batch skips this loop: a noise-only step
-        grads = per_example_grads(model, loss_fn, *[t[start:start + step] for t in batch])
+        grads, loss = per_example_grads(model, loss_fn, *[t[start:start + step] for t in batch])
         norms.append(per_example_norms(grads))
+        losses.append(loss)
         for k, g in clip_per_example(grads, C).items():
             summed[k] += g.sum(0)
-    noisy = add_noise(summed, noise_multiplier, C, generator)
+    noisy = add_dp_noise(summed, noise_multiplier, C, generator)
     # Divide by the EXPECTED size qN, a public constant, not the realised |B|: |B| depends on
     # who was sampled, so it is private itself, and dividing by it would make one example
     # change the denominator too, leaving the sensitivity-C analysis of the sum (it can be 0).
     grads = {k: g / expected_batch_size for k, g in noisy.items()}
-    return grads, torch.cat(norms) if norms else torch.zeros(0)
+    return grads, {"norms": torch.cat(norms[1:] or norms), "losses": torch.cat(losses[1:] or losses)}
 
 
 def dp_sgd_step(model, optimizer, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
                 generator, chunk_size=None):
-    """One DP-SGD update on a Poisson-sampled batch; returns the unclipped per-example norms."""
-    grads, norms = private_gradient(model, loss_fn, *batch, C=C, noise_multiplier=noise_multiplier,
+    """One DP-SGD update on a Poisson-sampled batch; returns private_gradient's info."""
+    grads, info = private_gradient(model, loss_fn, *batch, C=C, noise_multiplier=noise_multiplier,
                                     expected_batch_size=expected_batch_size, generator=generator,
                                     chunk_size=chunk_size)
     for k, p in model.named_parameters():
         if k in grads:
             p.grad = grads[k]
     optimizer.step()  # post-processing of a private gradient: no extra privacy cost
-    return norms
+    return info
 
 
 # ----------------------------------------------------------------------------- training
 def train(args, K, C, noise_multiplier, x_train, eval_batch, label):
-    """DP-SGD with Adam on the toy data; returns the model and its held-out loss curve."""
-    gen = torch.Generator().manual_seed(args.seed)
+    """DP-SGD with Adam on the toy data; returns the model and its held-out loss curve.
+    The initial weights are public (--seed); all that training draws is secret."""
     torch.manual_seed(args.seed)  # same initial weights for every run
-    model = EDMDenoiser(ToyNet(args.hidden))
+    model = EDMDenoiser(ToyMLP(args.hidden))
+    gen = secret_generator(insecure_seed=args.insecure_noise_seed)
+    if args.insecure_noise_seed is not None:
+        print(f"  [{label}] privacy guarantee void: noise seed known "
+              f"(--insecure-noise-seed {args.insecure_noise_seed})")
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     N, curve, t0 = x_train.shape[0], [], time.time()
     for step in range(args.steps + 1):
@@ -247,7 +301,7 @@ def train(args, K, C, noise_multiplier, x_train, eval_batch, label):
         if step == args.steps:
             return model, curve
         x = x_train[poisson_sample(N, args.q, gen)]
-        dp_sgd_step(model, opt, edm_loss, x, *draw_diffusion_noise(x, K, gen), C=C,
+        dp_sgd_step(model, opt, edm_loss, x, *draw_sigma_and_noise(x, K, gen), C=C,
                     noise_multiplier=noise_multiplier, expected_batch_size=args.q * N, generator=gen)
 
 
@@ -258,13 +312,13 @@ def flat(grads):
 
 def plot_clipping_and_noise(args, models, x, gen):
     """Left: norms before/after clipping. Right: ||sum of clipped g_i|| vs the noise norm."""
-    batch = (x, *draw_diffusion_noise(x, 4, gen))
-    raw = {name: per_example_grads(m, edm_loss, *batch) for name, m in models.items()}
+    batch = (x, *draw_sigma_and_noise(x, 4, gen))
+    raw = {name: per_example_grads(m, edm_loss, *batch)[0] for name, m in models.items()}
     clipped = flat(clip_per_example(raw["trained model"], args.clip))
     sizes = [2**i for i in range(int(math.log2(x.shape[0])) + 1)]
     signal = [clipped[:b].sum(0).norm().item() for b in sizes]
     zeros = {"all": torch.zeros(clipped.shape[1])}
-    noise = add_noise(zeros, args.noise_multiplier, args.clip, gen)["all"].norm().item()
+    noise = add_dp_noise(zeros, args.noise_multiplier, args.clip, gen)["all"].norm().item()
     print(f"   {clipped.shape[1]} parameters: noise norm {noise:.1f} (sigma_DP C sqrt(P) = "
           f"{args.noise_multiplier * args.clip * clipped.shape[1] ** 0.5:.1f}); signal norm "
           f"{signal[0]:.2f} at B=1, {signal[-1]:.1f} at B={sizes[-1]}")
@@ -288,46 +342,62 @@ def plot_clipping_and_noise(args, models, x, gen):
 
 
 def gradient_variance(model, x, K, C, gen, repeats=16):
-    """Mean over examples of E||g_i - E g_i||^2 across fresh diffusion-noise draws, raw and clipped."""
+    """One example's gradient over fresh diffusion-noise draws, averaged over the examples x:
+    raw variance E||g_i - E g_i||^2, clipped variance, and the mean gradient's ||E g_i||^2."""
     raw, clipped = [], []
     for _ in range(repeats):
-        g = per_example_grads(model, edm_loss, x, *draw_diffusion_noise(x, K, gen))
+        g, _ = per_example_grads(model, edm_loss, x, *draw_sigma_and_noise(x, K, gen))
         raw.append(flat(g))
         clipped.append(flat(clip_per_example(g, C)))
-    return [torch.stack(r).var(0).sum(1).mean().item() for r in (raw, clipped)]
+    raw, clipped = torch.stack(raw), torch.stack(clipped)  # [repeats, B, P]
+    v_raw, v_clip = [r.var(0).sum(1).mean().item() for r in (raw, clipped)]
+    # ||mean of repeats||^2 overshoots ||E g_i||^2 by the variance of the mean, v_raw / repeats
+    return v_raw, v_clip, raw.mean(0).pow(2).sum(1).mean().item() - v_raw / repeats
 
 
 def plot_noise_multiplicity(args, model, x, runs, gen):
-    """Left: per-example gradient variance vs K. Right: DP training curves for each K."""
+    """Left: per-example gradient variance vs K, raw and clipped. Right: DP training curves."""
     Ks = [1, 2, 4, 8, 16, 32]
     var = [gradient_variance(model, x, K, args.clip, gen) for K in Ks]
-    for K, (v_raw, v_clip) in zip(Ks, var):
-        print(f"   K={K:2d}: variance over draws {v_raw:9.4f} raw, {v_clip:.4f} clipped")
+    signal = var[-1][2]  # ||E g_i||^2, best measured at the largest K
+    print(f"   E||g_i - E g_i||^2 over diffusion draws, mean over {x.shape[0]} examples. K iid draws "
+          f"averaged: raw = raw(K=1)/K, i.e. K raw / raw(K=1) = 1.\n   Clipped: <= C^2 = "
+          f"{args.clip**2:g}, near it while raw >> ||E g_i||^2 = {signal:.1f}, then ~1/K too")
+    for K, (v_raw, v_clip, _) in zip(Ks, var):
+        print(f"   K={K:2d}: raw {v_raw:8.4f} (K raw / raw(K=1) = {K * v_raw / var[0][0]:.2f}), "
+              f"clipped {v_clip:.4f}")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].loglog(Ks, [v[0] for v in var], "o-", label="raw g_i")
-    ax[0].loglog(Ks, [v[1] for v in var], "s-", label="clipped g_i")
-    ax[0].loglog(Ks, [var[0][0] / K for K in Ks], "k:", label="1/K")
+    ax[0].loglog(Ks, [v[0] for v in var], "o-", label="raw g_i (measured)")
+    ax[0].loglog(Ks, [var[0][0] / K for K in Ks], "k:", label="raw(K=1) / K")
+    ax[0].loglog(Ks, [v[1] for v in var], "s-", label="clipped g_i (measured)")
+    ax[0].loglog(Ks, [var[-1][1] * Ks[-1] / K for K in Ks], "k--", lw=0.8, label="slope 1/K")
+    ax[0].axhline(args.clip**2, color="r", ls="--", label="C^2: cap on the clipped variance")
+    ax[0].axhline(signal, color="gray", ls="-.", label="||E g_i||^2: mean gradient, squared")
     ax[0].set(xlabel="noise multiplicity K", ylabel="E||g_i - E g_i||^2",
-              title="Averaging K draws: variance ~ 1/K")
+              title="Raw variance ~ 1/K. Clipped: near C^2 while raw >>\n"
+                    "||E g_i||^2 (g_i/||g_i|| is noise), then ~1/K too")
     for label, (_, curve) in runs.items():
         ax[1].plot(*zip(*curve), "--" if "non" in label else "-", label=label)
-    ax[1].set(xlabel="step", ylabel="held-out EDM loss", title="Same privacy cost, lower loss with K")
+    ax[1].set(xlabel="step", ylabel="held-out EDM loss",
+              title="Same privacy cost for every K; one run (secret noise)")
     for a in ax:
         a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "noise_multiplicity.png", dpi=80)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start, gen = time.time(), torch.Generator().manual_seed(args.seed)
     x_train, x_eval = sample_toy_data(args.n_data, gen), sample_toy_data(2000, gen)
-    eval_batch = (x_eval, *draw_diffusion_noise(x_eval, 8, gen))  # fixed draws: comparable curves
+    eval_batch = (x_eval, *draw_sigma_and_noise(x_eval, 8, gen))  # fixed draws: comparable curves
     print(f"N={args.n_data}, q={args.q} (expected batch {args.q * args.n_data:.0f}), "
           f"{args.steps} steps, C={args.clip}, sigma_DP={args.noise_multiplier}: the same "
           "(epsilon, delta) for every K -- chapter 03 computes it")
+    if args.insecure_noise_seed is not None:
+        print("!! --insecure-noise-seed: privacy guarantee void: noise seed known (debugging only)")
 
     print("1) training: non-private reference (C=inf, sigma_DP=0), then DP-SGD for each K")
     runs = {"non-private, K=1": train(args, 1, math.inf, 0.0, x_train, eval_batch, "non-DP")}
@@ -337,12 +407,14 @@ def main():
     model = runs[f"DP, K={args.ks[-1]}"][0]
 
     print("2) per-example gradient norms, and signal vs noise as the batch grows")
-    models = {"initial model": EDMDenoiser(ToyNet(args.hidden)), "trained model": model}
+    torch.manual_seed(args.seed)  # the initial weights that every run started from
+    models = {"initial model": EDMDenoiser(ToyMLP(args.hidden)), "trained model": model}
     plot_clipping_and_noise(args, models, x_train[:4096], gen)
 
     print("3) noise multiplicity: per-example gradient variance and DP training loss vs K")
     plot_noise_multiplicity(args, model, x_train[:64], runs, gen)
-    print("final held-out loss: " + ", ".join(f"{k}: {c[-1][1]:.4f}" for k, (_, c) in runs.items()))
+    print("final held-out loss (secret noise: every run differs): "
+          + ", ".join(f"{k}: {c[-1][1]:.4f}" for k, (_, c) in runs.items()))
     print(f"figures in {args.out}/ ; total {time.time() - t_start:.0f}s")
 
 

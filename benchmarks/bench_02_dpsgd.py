@@ -81,8 +81,8 @@ def loss_folding_K_into_vmap(K):
     clipping. Same result, but K times more per-example gradients in memory."""
     def per_example(model, loss_fn, x, sigma, n, chunk_size=None):
         B = x.shape[0]
-        g = dpsgd.per_example_grads(model, loss_fn, x.repeat_interleave(K, 0), sigma.reshape(B * K, 1),
-                                    n.reshape(B * K, 1, *x.shape[1:]), chunk_size=chunk_size)
+        g, _ = dpsgd.per_example_grads(model, loss_fn, x.repeat_interleave(K, 0), sigma.reshape(B * K, 1),
+                                       n.reshape(B * K, 1, *x.shape[1:]), chunk_size=chunk_size)
         return {k: v.reshape(B, K, *v.shape[1:]).mean(1) for k, v in g.items()}
     return per_example
 
@@ -91,7 +91,7 @@ def make_steps(model, batch, chunk_size=None, per_example=None, np_chunk_size=No
     """The closures to time; all update the model with SGD. chunk_size: the DP step's chunks;
     np_chunk_size: the non-private step accumulates gradients over chunks of that size."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # timing only: a real run draws from dpsgd.secret_generator()
     B = batch[0].shape[0]
     kw = dict(C=1.0, noise_multiplier=1.0, expected_batch_size=float(B), generator=gen)
 
@@ -107,14 +107,14 @@ def make_steps(model, batch, chunk_size=None, per_example=None, np_chunk_size=No
             dpsgd.dp_sgd_step(model, opt, dpsgd.edm_loss, *batch, chunk_size=chunk_size, **kw)
             return
         g = dpsgd.clip_per_example(per_example(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size), 1.0)
-        noisy = dpsgd.add_noise({k: v.sum(0) for k, v in g.items()}, 1.0, 1.0, gen)
+        noisy = dpsgd.add_dp_noise({k: v.sum(0) for k, v in g.items()}, 1.0, 1.0, gen)
         for k, p in model.named_parameters():
             p.grad = noisy[k] / B
         opt.step()
 
     def naive():
-        grads = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
-        noisy = dpsgd.add_noise({k: v.sum(0) for k, v in dpsgd.clip_per_example(grads, 1.0).items()},
+        grads, _ = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
+        noisy = dpsgd.add_dp_noise({k: v.sum(0) for k, v in dpsgd.clip_per_example(grads, 1.0).items()},
                                 1.0, 1.0, gen)
         for k, p in model.named_parameters():
             p.grad = noisy[k] / B
@@ -140,7 +140,7 @@ def setup(args, K, channels_last=False):
     model = dpsgd.EDMDenoiser(SmallUNet(args.channels))
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(args.batch, 1, 28, 28, generator=gen) * 2 - 1
-    batch = (x, *dpsgd.draw_diffusion_noise(x, K, gen))
+    batch = (x, *dpsgd.draw_sigma_and_noise(x, K, gen))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -231,7 +231,7 @@ def compiled(args):
 
         def dp():
             g = dpsgd.clip_per_example(per_example(params, *batch), 1.0)
-            return dpsgd.add_noise({k: v.sum(0) for k, v in g.items()}, 1.0, 1.0, gen)
+            return dpsgd.add_dp_noise({k: v.sum(0) for k, v in g.items()}, 1.0, 1.0, gen)
 
         def non_private():
             model.zero_grad(set_to_none=True)

@@ -4,6 +4,10 @@ References are independent of the code under test: a plain loop of batch-size-1 
 passes (per-example gradients), closed forms (noise std sigma_DP*C, Binomial(N, q) batch
 sizes, sensitivity C), and ordinary autograd (the non-private step). Statistical checks use
 fixed seeds and tolerances of 5 standard errors, derived from the closed-form statistics.
+
+Graders (README "Assignments") depend only on their own exercise: the clipping tests get their
+per-example gradients from the loop below, not from per_example_grads, and the per_example_grads
+tests never clip.
 """
 import copy
 import math
@@ -43,7 +47,7 @@ def make_problem(dpsgd, K, B=5, seed=0, outlier=False):
     x = torch.randn(B, 1, 6, 6, generator=gen, dtype=torch.float64)
     if outlier:
         x[0] *= 100.0  # an example whose unclipped gradient is huge: clipping must bind
-    return model, (x, *dpsgd.draw_diffusion_noise(x, K, gen))
+    return model, (x, *dpsgd.draw_sigma_and_noise(x, K, gen))
 
 
 def max_abs_diff(a, b):
@@ -51,15 +55,35 @@ def max_abs_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def loop_grads(model, *batch):
+    """Per-example gradients of edm_loss the slow, obvious way: one backward pass per example."""
+    names, params = zip(*model.named_parameters())
+    rows = [torch.autograd.grad(model_loss(model, *[t[i:i + 1] for t in batch]), params)
+            for i in range(batch[0].shape[0])]
+    return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
+
+
+def model_loss(model, x, sigma, n):
+    """lambda(sigma) |D(x + sigma n; sigma) - x|^2 for ONE example (batch of 1), mean over its K
+    draws, written out from EDM Table 1 so that the clipping graders need no code under test."""
+    sd2 = 1 / 3  # sigma_data^2 (DPDM)
+    xs = x.expand(sigma.shape[1], *x.shape[1:])
+    s = sigma[0]
+    y = xs + s.reshape(-1, *[1] * (x.dim() - 1)) * n[0]
+    weight = (s**2 + sd2) / (s**2 * sd2)
+    return (weight * (model(y, s) - xs).pow(2).flatten(1).mean(1)).mean()
+
+
 # ----------------------------------------------------------------------------- per-example grads
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_per_example_grads_match_naive_loop(dpsgd, K, chunk_size):
     model, batch = make_problem(dpsgd, K)
-    fast = dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size)
-    slow = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
+    fast, fast_losses = dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size)
+    slow, slow_losses = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
     assert len(fast) == len(list(model.parameters())) and fast["net.qkv.weight"].shape[0] == 5
     assert max_abs_diff(fast, slow) <= 1e-8
+    assert fast_losses.shape == (5,) and torch.allclose(fast_losses, slow_losses, rtol=1e-10, atol=0)
     norms = dpsgd.per_example_norms(slow)  # not vacuous: examples really differ
     assert norms.min() > 1e-3 and (norms.max() - norms.min()) > 1e-3
 
@@ -70,14 +94,23 @@ def test_loss_is_mean_over_K_draws(dpsgd):
     torch.testing.assert_close(dpsgd.edm_loss(model, x, sigma, n), torch.stack(per_draw).mean(0))
 
 
-def test_chunked_private_gradient_equals_unchunked(dpsgd):
+def test_private_gradient_is_the_same_in_chunks(dpsgd):
+    # Not a grader (it needs clip_per_example and per_example_grads both).
     model, batch = make_problem(dpsgd, K=2, B=7)
     kw = dict(C=0.5, noise_multiplier=1.0, expected_batch_size=6.0)
-    g1, n1 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw,
-                                    generator=torch.Generator().manual_seed(1))
-    g3, n3 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw, chunk_size=3,
-                                    generator=torch.Generator().manual_seed(1))
-    assert max_abs_diff(g1, g3) <= 1e-12 and torch.allclose(n1, n3, rtol=0, atol=1e-12)
+    g1, info1 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw,
+                                       generator=torch.Generator().manual_seed(1))
+    g3, info3 = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, **kw, chunk_size=3,
+                                       generator=torch.Generator().manual_seed(1))
+    assert max_abs_diff(g1, g3) <= 1e-12
+    for key in ("norms", "losses"):
+        assert info1[key].shape == (7,) and torch.allclose(info1[key], info3[key], rtol=0, atol=1e-12)
+    torch.testing.assert_close(info1["losses"], dpsgd.edm_loss(model, *batch).detach())
+    # without noise: the sum of the clipped loop gradients over qN
+    g0, _ = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, C=0.5, noise_multiplier=0.0,
+                                   expected_batch_size=6.0, generator=None, chunk_size=3)
+    clipped = dpsgd.clip_per_example(loop_grads(model, *batch), 0.5)
+    assert max_abs_diff(g0, {k: g.sum(0) / 6.0 for k, g in clipped.items()}) <= 1e-10
 
 
 # ----------------------------------------------------------------------------- clipping
@@ -108,18 +141,18 @@ def test_clipping_bounds_every_norm_and_keeps_small_gradients(dpsgd):
 def test_noise_has_mean_zero_and_std_sigma_C(dpsgd):
     sigma_dp, C = 1.3, 0.7
     zeros = {"w": torch.zeros(500, 400, dtype=torch.float64), "b": torch.zeros(20_000, dtype=torch.float64)}
-    noisy = dpsgd.add_noise(zeros, sigma_dp, C, torch.Generator().manual_seed(0))
+    noisy = dpsgd.add_dp_noise(zeros, sigma_dp, C, torch.Generator().manual_seed(0))
     z = torch.cat([v.flatten() for v in noisy.values()])
     n, std = z.numel(), sigma_dp * C
     assert abs(z.mean().item()) <= 5 * std / math.sqrt(n)
     assert abs(z.std().item() - std) <= 5 * std / math.sqrt(2 * n)  # SE of a sample std
     for v in noisy.values():  # every tensor gets its own noise, not a shared draw
         assert abs(v.std().item() - std) <= 5 * std / math.sqrt(2 * v.numel())
-    same = dpsgd.add_noise(zeros, 0.0, C, torch.Generator().manual_seed(0))
+    same = dpsgd.add_dp_noise(zeros, 0.0, C, torch.Generator().manual_seed(0))
     assert all(torch.equal(same[k], zeros[k]) for k in zeros)
 
 
-def test_dp_step_without_clipping_or_noise_is_ordinary_sgd(dpsgd):
+def test_dp_step_with_infinite_C_and_zero_noise_is_ordinary_sgd(dpsgd):
     model, batch = make_problem(dpsgd, K=3, B=6)
     reference = copy.deepcopy(model)
     dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), dpsgd.edm_loss, *batch,
@@ -162,10 +195,10 @@ def test_empty_batch_takes_noise_only_step(dpsgd):
     empty = (torch.zeros(0, 100, dtype=torch.float64),)
     loss_fn = lambda m, x: m(x).pow(2).sum(1)
     sigma_dp, C, qN = 2.0, 0.5, 40.0
-    norms = dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, *empty,
-                              C=C, noise_multiplier=sigma_dp, expected_batch_size=qN,
-                              generator=torch.Generator().manual_seed(0))
-    assert norms.numel() == 0
+    info = dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, *empty,
+                             C=C, noise_multiplier=sigma_dp, expected_batch_size=qN,
+                             generator=torch.Generator().manual_seed(0))
+    assert info["norms"].numel() == 0 and info["losses"].numel() == 0
     step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)])
     std = sigma_dp * C / qN  # the update is -N(0, sigma^2 C^2 I) / (qN)
     assert abs(step.mean().item()) <= 5 * std / math.sqrt(step.numel())
@@ -176,14 +209,16 @@ def test_empty_batch_takes_noise_only_step(dpsgd):
 @pytest.mark.parametrize("K", [1, 4, 16])
 def test_one_example_moves_the_pre_noise_sum_by_at_most_C(dpsgd, K):
     """Add/remove adjacency (the one the Poisson accountant uses): sensitivity C, whatever K.
-    Replacing one example is a removal plus an addition: at most 2C, and that bound is reached."""
+    Replacing one example is a removal plus an addition: at most 2C, and that bound is reached.
+    The per-example gradients come from the loop above, so this grades clip_per_example alone."""
     C = 0.1
     model, (x, sigma, n) = make_problem(dpsgd, K, B=6, outlier=True)
 
-    def pre_noise_sum(*batch):  # sigma_DP = 0 and qN = 1: the plain sum of clipped gradients
-        g, norms = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, C=C, noise_multiplier=0.0,
-                                          expected_batch_size=1.0, generator=None)
-        return torch.cat([v.flatten() for v in g.values()]), norms
+    def pre_noise_sum(*batch):  # the plain sum of clipped gradients, and the unclipped norms
+        grads = loop_grads(model, *batch)
+        g = dpsgd.clip_per_example(grads, C)
+        norms = torch.cat([v.flatten(1) for v in grads.values()], 1).norm(dim=1)
+        return torch.cat([v.sum(0).flatten() for v in g.values()]), norms
 
     full, norms = pre_noise_sum(x, sigma, n)
     assert (norms > C).all() and norms[0] > 100 * C  # every example is clipped, the outlier by far
@@ -216,12 +251,58 @@ def test_bad_input_is_refused_with_a_clear_error(dpsgd):
     with pytest.raises(ValueError, match="C must be > 0"):
         dpsgd.clip_per_example(g, 0.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
-        dpsgd.add_noise({"w": torch.ones(2)}, -1.0, 1.0, None)
+        dpsgd.add_dp_noise({"w": torch.ones(2)}, -1.0, 1.0, None)
     with pytest.raises(ValueError, match="finite clipping norm"):
-        dpsgd.add_noise({"w": torch.ones(2)}, 1.0, math.inf, None)
+        dpsgd.add_dp_noise({"w": torch.ones(2)}, 1.0, math.inf, None)
     for q in (0.0, 1.5):
         with pytest.raises(ValueError, match="q must be in"):
             dpsgd.poisson_sample(10, q, None)
     with pytest.raises(ValueError, match="expected_batch_size"):
         dpsgd.private_gradient(nn.Linear(2, 1), lambda m, x: m(x)[:, 0], torch.ones(1, 2), C=1.0,
                                noise_multiplier=1.0, expected_batch_size=0, generator=None)
+
+
+# ----------------------------------------------------------------------------- secret noise
+def test_secret_generator_is_seeded_from_os_entropy(dpsgd, monkeypatch):
+    draw = lambda g: torch.randn(8, generator=g)
+    assert not torch.equal(draw(dpsgd.secret_generator()), draw(dpsgd.secret_generator()))
+    calls = []
+    monkeypatch.setattr(dpsgd.secrets, "randbits", lambda k: calls.append(k) or 12345)
+    torch.testing.assert_close(draw(dpsgd.secret_generator()),
+                               draw(torch.Generator().manual_seed(12345)), rtol=0, atol=0)
+    assert calls == [63]  # 63 bits from the OS's CSPRNG (Python's secrets module)
+    torch.testing.assert_close(draw(dpsgd.secret_generator(insecure_seed=7)),
+                               draw(torch.Generator().manual_seed(7)), rtol=0, atol=0)
+    assert calls == [63]  # an explicit insecure seed does not consume entropy
+
+
+def _train(dpsgd, argv):
+    """A few DP-SGD steps of the demo's own train(); returns the final weights."""
+    args = dpsgd.parse_args(["--steps", "3", "--n-data", "400", "--q", "0.1"] + argv)
+    x = dpsgd.sample_toy_data(args.n_data, torch.Generator().manual_seed(args.seed))
+    eval_batch = (x[:8], *dpsgd.draw_sigma_and_noise(x[:8], 2, torch.Generator().manual_seed(0)))
+    model, curve = dpsgd.train(args, 2, args.clip, args.noise_multiplier, x, eval_batch, "test")
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), curve
+
+
+def test_training_randomness_is_secret_unless_an_insecure_seed_is_given(dpsgd, capsys):
+    # The replay attack: with a known seed, two runs on the same data would give the same model.
+    for argv in ([], ["--seed", "3"]):
+        (w1, curve1), (w2, curve2) = _train(dpsgd, argv), _train(dpsgd, argv)
+        assert curve1[0] == curve2[0]  # --seed still fixes the public part: the initial weights
+        assert not torch.equal(w1, w2), argv
+    assert "privacy guarantee void" not in capsys.readouterr().out
+    w1, _ = _train(dpsgd, ["--insecure-noise-seed", "5"])
+    w2, _ = _train(dpsgd, ["--insecure-noise-seed", "5"])
+    assert torch.equal(w1, w2)
+    assert "privacy guarantee void: noise seed known" in capsys.readouterr().out
+
+
+def test_demo_runs_and_warns_loudly_with_an_insecure_seed(dpsgd, tmp_path, capsys):
+    dpsgd.main(["--steps", "2", "--n-data", "300", "--ks", "1", "2", "--insecure-noise-seed", "1",
+                "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    # once at the start, then once per training run: non-private, K = 1, K = 2
+    assert out.count("privacy guarantee void: noise seed known") == 4
+    assert (tmp_path / "clipping_and_noise.png").exists()
+    assert (tmp_path / "noise_multiplicity.png").exists()
