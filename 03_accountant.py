@@ -2,7 +2,8 @@
 
 DPDM (Dockhorn et al., TMLR 2023) trains with DP-SGD: each step Poisson-samples a batch with
 rate q, clips per-example gradients to norm C and adds N(0, sigma^2 C^2 I). This script turns
-(q, sigma, steps, delta) into the epsilon the paper reports, and back.
+(q, sigma, steps, delta) into the epsilon the paper reports, and back. Here sigma (s in the
+formulas) is the DP noise multiplier, `noise_multiplier` in the code, not a diffusion noise level.
 
 1. Renyi DP of one step, the Poisson-subsampled Gaussian (Mironov, Talwar, Zhang 2019, Sec. 3):
        A_a = E_{z ~ mu0}[(mu(z)/mu0(z))^a],  mu0 = N(0, s^2),  mu = (1-q) mu0 + q N(1, s^2),
@@ -23,8 +24,11 @@ rate q, clips per-example gradients to norm C and adds N(0, sigma^2 C^2 I). This
 5. Going further: a tight accountant. The privacy loss L = log(P/Q) of one step has a
    distribution (PLD); discretise it pessimistically, compose T steps with one FFT and read
    delta(eps) = E[(1 - e^(eps - L))+] (Koskela et al. 2020; Doroshenko et al. 2022).
+6. Is it really private? A one-run audit attacks the mechanism with canaries and turns its
+   successful guesses into a statistical LOWER bound on eps (Steinke, Nasr, Jagielski 2023).
 Run:  python 03_accountant.py            (DPDM table, tight comparison, figure; ~5 s)
-      python 03_accountant.py --sigma 2.5 --batch-size 4096 --n 60000 --epochs 300
+      python 03_accountant.py --audit    (audit of correct and broken DP-SGD; ~1 min)
+      python 03_accountant.py --noise-multiplier 2.5 --batch-size 4096 --n 60000 --epochs 300
       python 03_accountant.py --target-epsilon 1 --q 0.01 --steps 10000 --delta 1e-5
 """
 import argparse
@@ -36,19 +40,22 @@ import warnings
 import numpy as np
 import torch
 
-# Fine fractional orders (they win at large eps), integers to 100 (the best order at DPDM's
-# eps = 0.2 is 69, beyond Opacus' grid, which stops at 63), then a sparse tail to 256.
-DEFAULT_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(11, 101))
-                          + [112, 128, 160, 192, 224, 256], dtype=float)
-OPACUS_ORDERS = DEFAULT_ORDERS[DEFAULT_ORDERS <= 63]  # 1.1..10.9 and 11..63, as in Opacus
+# Opacus' DEFAULT_ALPHAS (opacus/accountants/rdp.py): 1.1..10.9 in steps of 0.1, then 12..63.
+OPACUS_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
+# Ours adds 11, integers to 100 (the best order at DPDM's eps = 0.2 is 69, beyond Opacus' grid)
+# and a sparse tail to 256.
+DEFAULT_ORDERS = np.concatenate([OPACUS_ORDERS[:99], [11], OPACUS_ORDERS[99:], np.arange(64, 101),
+                                 [112, 128, 160, 192, 224, 256]]).astype(float)
 DPDM = {"MNIST / F-MNIST": dict(n=60000, batch_size=4096, epochs=300, delta=1e-5, eps=(10, 1, 0.2)),
         "CelebA 32": dict(n=162770, batch_size=2048, epochs=300, delta=1e-6, eps=(10, 1))}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sigma", type=float, help="noise multiplier: print the epsilon it gives")
-    p.add_argument("--target-epsilon", type=float, help="print the smallest sigma reaching it")
+    p.add_argument("--noise-multiplier", "--sigma", type=float, dest="noise_multiplier",
+                   help="print the epsilon this noise multiplier gives")
+    p.add_argument("--target-epsilon", type=float,
+                   help="print the smallest noise multiplier reaching it")
     p.add_argument("--q", type=float, help="Poisson sampling rate (else from --batch-size, --n)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--n", type=int, default=60000, help="training-set size")
@@ -57,17 +64,18 @@ def parse_args(argv=None):
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--table", action="store_true", help="only the DPDM sigma table")
     p.add_argument("--no-tight", action="store_true", help="skip the PLD accountant")
+    p.add_argument("--audit", action="store_true", help="empirical one-run privacy audit (~1 min)")
     p.add_argument("--out", default="out/03_accountant")
     p.add_argument("--threads", type=int, default=1, help="torch threads (used for log Phi)")
     return p.parse_args(argv)
 
 
-def check_inputs(q=None, sigma=None, delta=None, epsilon=None, steps=None):
+def check_inputs(q=None, noise_multiplier=None, delta=None, epsilon=None, steps=None):
     """A DP bug is a security bug: refuse nonsense loudly, and say what to pass instead."""
     if q is not None and not 0 <= q <= 1:
         raise ValueError(f"sampling rate q={q} must lie in [0, 1] (q = batch size / dataset size)")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"noise multiplier sigma={sigma} must be > 0 (0 gives no privacy)")
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier} must be > 0 (0 gives no privacy)")
     if delta is not None and not 0 < delta < 1:
         raise ValueError(f"delta={delta} must lie in (0, 1); take delta < 1/N, e.g. 1e-5")
     if epsilon is not None and not epsilon > 0:
@@ -89,8 +97,9 @@ def signed_logsumexp(log_abs, sign):
     return np.log(np.sum(sign * np.exp(log_abs - m), axis=-1)) + m[..., 0]
 
 
-def log_a_integer(q, sigma, alphas):
+def log_a_integer(q, noise_multiplier, alphas):
     """log A_a for integer orders: binomial expansion of A_a - 1, every term >= 0."""
+    sigma = noise_multiplier  # the formulas of this section write s (here sigma) for brevity
     a = np.asarray(alphas, dtype=int)[:, None]
     k = np.arange(2, a.max() + 1)[None, :]
     log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, a.max() + 1)))])
@@ -101,7 +110,7 @@ def log_a_integer(q, sigma, alphas):
     return np.logaddexp(0.0, signed_logsumexp(log_terms, 1.0))  # log(1 + (A - 1))
 
 
-def log_a_fractional(q, sigma, alphas, n_terms=32):
+def log_a_fractional(q, noise_multiplier, alphas, n_terms=32):
     """log A_a for fractional orders by the two series above, in log space with signs.
     A_a is close to 1 when q is tiny or sigma large, so we sum A_a - 1 directly: subtract
     E[1 + a q (r - 1)] = 1 (as E[r] = 1) on both sides of z0; this changes the terms i = 0, 1
@@ -109,6 +118,7 @@ def log_a_fractional(q, sigma, alphas, n_terms=32):
     shrink (slowly, ~i^-(a+2), when sigma is small), and such a tail is smaller than its first
     term: orders whose last terms are not yet below e^-30 (A_a - 1) are redone with twice the
     terms (up to 4096), and the size of the last terms is added: the result is an upper bound."""
+    sigma = noise_multiplier
     a, i = np.asarray(alphas, dtype=float)[:, None], np.arange(n_terms)[None, :]
     j = a - i
     log_q, log_1mq = math.log(q), math.log1p(-q)
@@ -132,31 +142,34 @@ def log_a_fractional(q, sigma, alphas, n_terms=32):
     log_c = np.stack([np.log(np.abs(1 - a * q)) + log_normal_cdf(-z0 / sigma),
                       np.log(a * q) + log_normal_cdf((1 - z0) / sigma)], axis=1)
     sign_c = np.stack([-np.sign(1 - a * q), -np.ones_like(a)], axis=1)
-    log_a_minus_1 = signed_logsumexp(np.hstack([log_s1, log_s2, log_c]),
-                                     np.hstack([sign1, sign, sign_c]))
-    last = np.logaddexp(log_s1[:, -1], log_s2[:, -1])
-    out = np.logaddexp(0.0, np.logaddexp(log_a_minus_1, last))
-    redo = ((last >= log_a_minus_1 - 30) | (n_terms <= a + 1)) & (n_terms < 4096)
+    with np.errstate(invalid="ignore"):  # too few terms can leave a partial sum < 0: NaN, redo
+        log_a_minus_1 = signed_logsumexp(np.hstack([log_s1, log_s2, log_c]),
+                                         np.hstack([sign1, sign, sign_c]))
+        last = np.logaddexp(log_s1[:, -1], log_s2[:, -1])
+        out = np.logaddexp(0.0, np.logaddexp(log_a_minus_1, last))
+    # "not (last < ...)" is also True for NaN: at q = 1/2, z0 = 1/2 and the Phi factors cut off
+    # no terms, 32 terms sum to < 0, and a plain ">=" would return the NaN
+    redo = (~(last < log_a_minus_1 - 30) | (n_terms <= a + 1)) & (n_terms < 4096)
     if redo.any():
         out[redo] = log_a_fractional(q, sigma, a[redo], 2 * n_terms)
     return out
 
 
-def rdp_subsampled_gaussian(q, sigma, alpha):
+def rdp_subsampled_gaussian(q, noise_multiplier, alpha):
     """RDP of one step of the Poisson-subsampled Gaussian mechanism at order(s) alpha > 1."""
-    check_inputs(q=q, sigma=sigma)
+    check_inputs(q=q, noise_multiplier=noise_multiplier)
     alpha = np.atleast_1d(np.asarray(alpha, dtype=float))
     if np.any(alpha <= 1):
         raise ValueError("RDP orders must be > 1")
     if q == 0:
         return np.zeros_like(alpha)
     if q == 1:
-        return alpha / (2 * sigma**2)
+        return alpha / (2 * noise_multiplier**2)
     is_int = alpha == np.round(alpha)
     log_a = np.empty_like(alpha)
-    log_a[~is_int] = log_a_fractional(q, sigma, alpha[~is_int])
+    log_a[~is_int] = log_a_fractional(q, noise_multiplier, alpha[~is_int])
     if is_int.any():
-        log_a[is_int] = log_a_integer(q, sigma, alpha[is_int])
+        log_a[is_int] = log_a_integer(q, noise_multiplier, alpha[is_int])
     return log_a / (alpha - 1)
 
 
@@ -168,8 +181,8 @@ def compute_rdp(q, noise_multiplier, steps, orders=DEFAULT_ORDERS):
 
 
 def compute_rdp_schedule(segments, orders=DEFAULT_ORDERS):
-    """A schedule of (q, sigma, steps) segments, e.g. a warm-up with another batch size."""
-    return sum(compute_rdp(q, sigma, steps, orders) for q, sigma, steps in segments)
+    """A schedule of (q, noise_multiplier, steps) segments, e.g. a warm-up with another batch size."""
+    return sum(compute_rdp(q, nm, steps, orders) for q, nm, steps in segments)
 
 
 # ------------------------------------------------------------------ 3. RDP -> (eps, delta)
@@ -195,10 +208,10 @@ def get_privacy_spent(orders, rdp, delta):
     return float(eps[best]), float(orders[best])
 
 
-def epsilon_rdp(q, sigma, steps, delta, orders=DEFAULT_ORDERS):
-    """eps at one sigma, without edge warnings: the searches below try many sigmas."""
+def epsilon_rdp(q, noise_multiplier, steps, delta, orders=DEFAULT_ORDERS):
+    """eps at one noise multiplier, without edge warnings: the searches below try many."""
     with warnings.catch_warnings(action="ignore"):
-        return get_privacy_spent(orders, compute_rdp(q, sigma, steps, orders), delta)[0]
+        return get_privacy_spent(orders, compute_rdp(q, noise_multiplier, steps, orders), delta)[0]
 
 
 # ------------------------------------------------------------------ 4. calibration
@@ -262,7 +275,7 @@ def noise_multiplier_within_tolerance(target_epsilon, delta, sample_rate, steps,
 
 
 # ------------------------------------------------------------------ 5. tight accountant (PLD)
-def pld_one_step(q, sigma, h, remove):
+def pld_one_step(q, noise_multiplier, h, remove):
     """Distribution of the privacy loss L = log(P/Q)(x), x ~ P, of one step, on the grid k*h.
     remove: P = mu (mixture), Q = mu0;  add: P = mu0, Q = mu. L is monotone in x, so the
     masses P(L >= l) and Q(L >= l) are Gaussian CDFs at x(l). Discretisation is pessimistic:
@@ -270,7 +283,7 @@ def pld_one_step(q, sigma, h, remove):
     (= the Q-mass) is kept; by convexity this can only raise every delta(eps) (a mean-preserving
     spread of e^-L, as in Doroshenko et al. 2022), and such dominance survives composition.
     Losses above the grid (x beyond 8 sigma) count as infinite, losses below it round up."""
-    sign = 1.0 if remove else -1.0
+    sigma, sign = noise_multiplier, 1.0 if remove else -1.0
     loss_at = lambda x: sign * math.log1p(q * math.expm1((2 * x - 1) / (2 * sigma**2)))
     ends = sorted([loss_at(-8 * sigma), loss_at(1 + 8 * sigma)])
     k0, k1 = math.floor(ends[0] / h), math.ceil(ends[1] / h)
@@ -291,19 +304,32 @@ def pld_one_step(q, sigma, h, remove):
     return k0, pmf, float(surv_p[-1])
 
 
-def compose_pld(k0, pmf, steps, top):
+def compose_pld(k0, pmf, steps, top, below):
     """T-fold convolution with one FFT: pmf^T in Fourier space. The FFT works modulo n, so we
-    choose the window of sums it represents: from 8 standard deviations below the mean up to
-    the cell `top` (beyond which the caller has bounded the mass). Mass below the window wraps
-    onto high losses (pessimistic); mass above it was bounded and is counted in delta."""
-    j = np.arange(pmf.size)
-    mean = pmf @ j
-    std = math.sqrt(max(pmf @ (j - mean) ** 2, 1e-12))
-    start = math.floor(steps * mean - 8 * std * math.sqrt(steps))
+    choose the window of sums it represents: from the cell `start` up to the cell `top` (beyond
+    which the caller has bounded the mass). The sums below `start` have total mass <= `below`
+    (Chernoff, see lower_window); they wrap onto the window, and the caller counts `below` in
+    delta, so the result stays pessimistic however heavy the lower tail is."""
+    start = lower_window(k0, pmf, steps, below)
     n = 4096 * math.ceil(max(top - steps * k0 - start, pmf.size) / 4096)  # 4096 k: a fast size
     composed = np.fft.irfft(np.fft.rfft(pmf, n) ** steps, n)
     composed = np.clip(np.roll(composed, -(start % n)), 0, None)  # sums start .. start + n - 1
     return steps * k0 + start + np.arange(n), composed
+
+
+def lower_window(k0, pmf, steps, below):
+    """Lowest sum of T cell indices worth representing. Chernoff: for any lam > 0,
+    P(sum <= t) <= M(lam)^T e^(lam t), M(lam) = E[e^(-lam j)] of one step (exact, from the pmf),
+    so every t <= (log below - T log M(lam)) / lam leaves mass <= `below` under it; we take the
+    largest over a grid of lam around the Gaussian optimum, and never go below the minimum 0."""
+    j = np.arange(pmf.size)
+    mean = pmf @ j
+    std = math.sqrt(max(pmf @ (j - mean) ** 2, 1e-12))
+    lam = math.sqrt(2 * math.log(1 / below) / steps) / std * np.geomspace(0.01, 10, 121)
+    with np.errstate(divide="ignore"):
+        log_m = signed_logsumexp(np.log(pmf) - lam[:, None] * j, 1.0)
+    t = (math.log(below) - steps * log_m) / lam
+    return max(0, math.floor(np.max(t)))
 
 
 def eps_from_pld(losses, pmf, delta):
@@ -320,13 +346,14 @@ def eps_from_pld(losses, pmf, delta):
     return float(math.log((s_p[j] - delta) / s_q[j]))
 
 
-def pld_epsilon(q, sigma, steps, delta, h=None):
+def pld_epsilon(q, noise_multiplier, steps, delta, h=None):
     """Tight eps of `steps` Poisson-subsampled Gaussian steps (worse of remove / add).
     Grid step h: by default 2% of the spread of one step's loss, q sqrt(e^(1/sigma^2) - 1):
     the FFT then has ~16 sqrt(steps) / 0.02 cells and the eps error is ~5e-5 relative."""
-    check_inputs(q=q, sigma=sigma, delta=delta, steps=steps)
+    check_inputs(q=q, noise_multiplier=noise_multiplier, delta=delta, steps=steps)
     if q == 0 or steps == 0:
         return 0.0
+    sigma = noise_multiplier
     h = h or min(1e-2, 0.02 * q * math.sqrt(math.expm1(min(1 / sigma**2, 30))))
     # Mass above `top` is < 1e-6 delta by Chernoff: P(L >= t) <= E[e^((a-1)L)] e^(-(a-1)t), and
     # the moment is exp((a-1) RDP(a)) (remove bounds add, MTZ 2019), so t = Mironov's eps.
@@ -335,8 +362,8 @@ def pld_epsilon(q, sigma, steps, delta, h=None):
     eps = 0.0
     for remove in (True, False):
         k0, pmf, p_inf = pld_one_step(q, sigma, h, remove)
-        cells, composed = compose_pld(k0, pmf, steps, math.ceil(top / h))
-        budget = delta - unseen + math.expm1(steps * math.log1p(-p_inf))  # minus P(any L = inf)
+        cells, composed = compose_pld(k0, pmf, steps, math.ceil(top / h), unseen)
+        budget = delta - 2 * unseen + math.expm1(steps * math.log1p(-p_inf))  # minus P(any L = inf)
         if budget <= 0:
             return math.inf
         eps = max(eps, eps_from_pld(cells * h, composed, budget))
@@ -351,7 +378,181 @@ def pld_noise_multiplier(target_epsilon, delta, sample_rate, steps, rtol=1e-4):
                            target_epsilon, rtol, guess, factor=1.25)
 
 
-# ------------------------------------------------------------------ 6. DPDM's numbers, CLI, figure
+# ------------------------------------------------------------------ 6. is it really private? an audit
+# An accountant proves an upper bound on eps; an audit attacks the mechanism and gets a lower
+# bound. One run suffices (Steinke, Nasr, Jagielski 2023, "Privacy auditing with one (1)
+# training run"): m canaries, each included with probability 1/2; guess "in" for the k
+# highest scores and "out" for the k lowest (k fixed in advance: choosing it after looking
+# at the scores would inflate the bound); v correct guesses out of r = 2k.
+AUDIT_SETTINGS = [  # name, q, steps, claimed eps, delta, canaries m, other training examples
+    ("DPDM MNIST eps=10", 1 / 15, 4500, 10.0, 1e-5, 1000, 60000),
+    ("DPDM MNIST eps=10", 1 / 15, 4500, 10.0, 1e-5, 10000, 60000),
+    ("DPDM MNIST eps=1", 1 / 15, 4500, 1.0, 1e-5, 1000, 60000),
+    ("small: q=0.01", 0.01, 1000, 2.0, 1e-5, 1000, 1000),
+    ("tiny data: q=1e-5", 1e-5, 10**7, 1.5, 1e-5, 500, 0),
+]
+BREAKAGES = ("sigma/10", "no noise", "seed known", "realised |B|")
+
+
+def binomial_tail(r, p):
+    """P[Binomial(r, p) >= v] for v = 0 .. r + 1 (the pmf in log space, summed from the top)."""
+    v = np.arange(r + 1)
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, r + 1)))])
+    log_pmf = log_fact[r] - log_fact[v] - log_fact[r - v] + v * math.log(p) + (r - v) * math.log1p(-p)
+    return np.append(np.cumsum(np.exp(log_pmf)[::-1])[::-1], 0.0)
+
+
+def audit_p_value(eps, m, r, v, delta):
+    """How likely >= v of r guesses are right if the mechanism is (eps, delta)-DP (Steinke et
+    al. 2023, Sec. 5): each guess is right w.p. <= p = e^eps / (1 + e^eps), so with delta = 0
+    it is the Binomial(r, p) tail beta = P[>= v]; delta adds 2 m delta max_i (P[>= v-i] - beta)/i."""
+    tail = binomial_tail(r, 1 / (1 + math.exp(-eps)))
+    i = np.arange(1, v + 1)
+    return min(1.0, tail[v] + 2 * m * delta * np.max((tail[v - i] - tail[v]) / i, initial=0.0))
+
+
+def eps_lower_bound(m, r, v, delta, significance=0.05):
+    """The largest eps that v correct guesses refute at this significance (0 if none): if the
+    mechanism were (eps, delta)-DP, seeing so many right guesses would have probability < 5%."""
+    rejected = lambda eps: audit_p_value(eps, m, r, v, delta) <= significance
+    if not rejected(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejected(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-3:  # the p-value grows with eps: bisect
+        lo, hi = ((lo + hi) / 2, hi) if rejected((lo + hi) / 2) else (lo, (lo + hi) / 2)
+    return lo
+
+
+def audit_one_run(scores, included, k, delta, rng):
+    """Guess "in" for the k top scores, "out" for the k bottom ones (ties broken at random)."""
+    order = np.lexsort((rng.random(scores.size), scores))
+    correct = included[order[-k:]].sum() + (~included[order[:k]]).sum()
+    return eps_lower_bound(scores.size, 2 * k, int(correct), delta)
+
+
+def simulate_dirac_canaries(m, q, steps, noise_multiplier, rng, breakage=None):
+    """Scores of m white-box "Dirac" canaries after `steps` DP-SGD steps, in units of C.
+    Canary i's clipped gradient is C e_j(i), on a coordinate j(i) that nothing else touches, so
+    coordinate j(i) of the released sum of noisy gradients is exactly
+        C * Binomial(steps, q) * [i included] + N(0, steps s^2 C^2),
+    independently over canaries: drawing these two numbers per canary IS the mechanism's
+    distribution on the coordinates the audit reads (the other coordinates are independent of
+    them). Dividing by qN and SGD's learning rate rescale every score alike. The score is that
+    released coordinate; breakages: noise sigma/10, noise forgotten, or drawn from a seed that
+    the adversary knows and replays (it subtracts the very same noise)."""
+    included = rng.random(m) < 0.5
+    counts = rng.binomial(steps, q, m) * included
+    s = {"sigma/10": noise_multiplier / 10, "no noise": 0.0}.get(breakage, noise_multiplier)
+    noise_rng = np.random.default_rng(1234) if breakage == "seed known" else rng
+    released = counts + s * math.sqrt(steps) * noise_rng.standard_normal(m)
+    if breakage == "seed known":
+        released -= s * math.sqrt(steps) * np.random.default_rng(1234).standard_normal(m)
+    return released, included
+
+
+def simulate_realised_batch(m, q, steps, noise_multiplier, others, rng):
+    """Broken: the noisy sum is divided by the realised batch size |B_t| instead of qN. The
+    d >> m other coordinates are pure noise of spread s C / |B_t|, so a white-box adversary who
+    sees every update knows |B_t| and multiplies it back: y = C b_t + N(0, s^2 C^2). It also
+    knows that an included example was in the batch w.p. pi_t = |B_t| / (others + m/2), not q
+    (examples are exchangeable): empty steps carry no signal, and with few examples pi_t >> q.
+    Score: the log-likelihood ratio sum_t log(1 - pi_t + pi_t e^((2y - 1) / (2 s^2))), exact per
+    step, so simulated step by step; without other examples only the non-empty steps."""
+    included, s = rng.random(m) < 0.5, noise_multiplier
+    scores, chunk = np.zeros(m), max(1, 2_000_000 // m)
+    for sampled, size in sampled_canaries(included, q, steps, others, rng, chunk):
+        y = sampled + s * rng.standard_normal(sampled.shape)
+        pi = (size / (others + m / 2))[:, None]
+        scores += np.log1p(pi * np.expm1((2 * y - 1) / (2 * s * s))).sum(0)
+    return scores, included
+
+
+def sampled_canaries(included, q, steps, others, rng, chunk):
+    """Poisson sampling of the canaries, in chunks of steps: (sampled [n, m], |B_t| [n]) for the
+    steps with |B_t| > 0. With no other examples, most steps are empty: draw how many are not,
+    Binomial(steps, 1 - (1-q)^k) for k included canaries, and for each the first canary sampled
+    (P(j) ~ (1-q)^j q, j < k) and the later ones as usual: the exact law given |B_t| > 0."""
+    members, k = np.flatnonzero(included), np.count_nonzero(included)
+    if others == 0:
+        steps = rng.binomial(steps, -math.expm1(k * math.log1p(-q)))  # the non-empty ones
+    for t in range(0, steps, chunk):
+        n = min(chunk, steps - t)
+        picked = rng.random((n, k)) < q
+        if others == 0:
+            u = rng.random(n) * -math.expm1(k * math.log1p(-q))
+            first = np.minimum(np.floor(np.log1p(-u) / math.log1p(-q)), k - 1).astype(int)
+            picked &= np.arange(k) > first[:, None]
+            picked[np.arange(n), first] = True
+        sampled = np.zeros((n, included.size), dtype=bool)
+        sampled[:, members] = picked
+        size = picked.sum(1) + rng.binomial(others, q, n)
+        yield sampled[size > 0], size[size > 0]
+
+
+def audit_setting(q, steps, eps, delta, m, others, rng):
+    """Claimed eps (calibrated noise), the canary ceiling, and one run's eps_LB per mechanism."""
+    noise_multiplier = get_noise_multiplier(eps, delta, q, steps)
+    claimed = epsilon_rdp(q, noise_multiplier, steps, delta)
+    lower = {}
+    for breakage in (None,) + BREAKAGES:
+        if breakage == "realised |B|":
+            scores, included = simulate_realised_batch(m, q, steps, noise_multiplier, others, rng)
+        else:
+            scores, included = simulate_dirac_canaries(m, q, steps, noise_multiplier, rng, breakage)
+        lower[breakage or "correct"] = audit_one_run(scores, included, m // 4, delta, rng)
+    return dict(noise_multiplier=noise_multiplier, claimed=claimed, lower=lower,
+                ceiling=eps_lower_bound(m, m, m, delta), ceiling_k=eps_lower_bound(m, m // 2, m // 2, delta))
+
+
+def run_audit(out):
+    """`--audit`: what m canaries can show at all, then the table and its figure."""
+    print("Most eps that m canaries can show at 95% (all m guesses right):")
+    for delta in (0.0, 1e-5):
+        print(f"  delta = {delta:g}:  " + "  ".join(
+            f"m = {m}: {eps_lower_bound(m, m, m, delta):.2f}" for m in (100, 1000, 5000, 10000)))
+    print("One-run audit, k = m/4 guesses each way (ceiling: all m right / all 2k right).\n"
+          "eps_LB of the correct mechanism, then of broken ones: noise sigma/10, no noise, noise\n"
+          "seed known to the adversary, division by the realised batch size |B_t|.")
+    print(f"{'setting':19s} {'m':>5s} {'noise':>7s} {'claimed':>7s} {'ceiling':>11s} | {'correct':>7s} "
+          + " ".join(f"{b:>12s}" for b in BREAKAGES))
+    rng, rows = np.random.default_rng(), []
+    for name, q, steps, eps, delta, m, others in AUDIT_SETTINGS:
+        row = audit_setting(q, steps, eps, delta, m, others, rng)
+        rows.append((name, row))
+        print(f"{name:19s} {m:5d} {row['noise_multiplier']:7.3f} {row['claimed']:7.2f} "
+              f"{row['ceiling']:5.2f}/{row['ceiling_k']:5.2f} | {row['lower']['correct']:7.2f} "
+              + " ".join(f"{row['lower'][b]:12.2f}" for b in BREAKAGES), flush=True)
+    plot_audit(pathlib.Path(out) / "audit.png", rows)
+
+
+def plot_audit(path, rows):
+    """eps_LB against the claimed eps: the correct mechanism must stay under the diagonal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    claimed = np.array([row["claimed"] for _, row in rows])
+    for i, (mechanism, marker) in enumerate(zip(("correct",) + BREAKAGES, "o^vsD")):
+        lower = [row["lower"][mechanism] for _, row in rows]
+        hollow = dict(facecolors="none", edgecolors="k") if mechanism == "correct" else {}
+        ax.scatter(claimed * (1 + 0.04 * (i - 2)), lower, marker=marker, label=mechanism, **hollow)
+    ax.scatter(claimed, [row["ceiling"] for _, row in rows], marker="_", s=300, color="gray",
+               label="ceiling (m canaries)")
+    grid = np.array([0.8, 12])
+    ax.plot(grid, grid, color="gray", lw=0.8, ls=":", label="eps_LB = claimed eps")
+    ax.set(xscale="log", xlabel="claimed eps (RDP accountant)", ylabel="audited eps lower bound",
+           title="One-run audit: correct vs deliberately broken DP-SGD")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------ 7. DPDM's numbers, CLI, figure
 def dpdm_sampling(n, batch_size, epochs):
     """Opacus' Poisson loader (used by DPDM) samples each example with q = 1/len(loader) =
     1/ceil(N/B), not B/N: MNIST gets q = 1/15 (expected batch 4000) and 15 steps per epoch."""
@@ -360,11 +561,16 @@ def dpdm_sampling(n, batch_size, epochs):
 
 
 def print_dpdm_table(tight):
-    print("sigma for DPDM's settings (RDP, Balle et al. 2020 conversion; 'saved': less noise than "
-          "the +-0.01 search, and than exact RDP for PLD)")
-    print(f"{'setting':16s} {'q':>6s} {'steps':>6s} {'delta':>6s} {'eps':>4s} | "
-          f"{'+-0.01 search':>13s} {'orders<=63':>10s} {'exact':>9s} {'order':>5s} {'saved':>6s}"
-          + (f" | {'PLD sigma':>9s} {'saved':>6s}" if tight else ""))
+    """Noise multipliers for DPDM's settings, with a legend: no column needs the source."""
+    print("Noise multiplier for each DPDM setting (RDP, Balle et al. 2020 conversion). Columns:\n"
+          "  lib     the usual search, stopped within 0.01 below the target eps (Opacus' orders)\n"
+          "  opacus  exact search (to 1e-6) on Opacus' orders (<= 63)\n"
+          "  ours    exact search on our orders (to 256); a = the best order; save = 1 - ours/lib"
+          + ("\n  PLD     tight accountant (privacy loss distribution); save = 1 - PLD/ours"
+             if tight else ""))
+    print(f"{'setting':16s} {'q':>6s} {'steps':>6s} {'delta':>6s} {'eps':>4s} | {'lib':>8s} "
+          f"{'opacus':>8s} {'ours':>8s} {'a':>4s} {'save':>5s}"
+          + (f" | {'PLD':>8s} {'save':>5s}" if tight else ""))
     for name, cfg in DPDM.items():
         q, steps = dpdm_sampling(cfg["n"], cfg["batch_size"], cfg["epochs"])
         delta = cfg["delta"]
@@ -375,11 +581,10 @@ def print_dpdm_table(tight):
             exact = get_noise_multiplier(eps, delta, q, steps)
             order = get_privacy_spent(DEFAULT_ORDERS, compute_rdp(q, exact, steps), delta)[1]
             line = (f"{name:16s} 1/{round(1 / q):<4d} {steps:6d} {delta:6.0e} {eps:4g} | "
-                    f"{search:13.4f} {grid63:10.4f} {exact:9.4f} {order:5g} "
-                    f"{1 - exact / search:6.1%}")
+                    f"{search:8.4f} {grid63:8.4f} {exact:8.4f} {order:4g} {1 - exact / search:5.1%}")
             if tight:
                 pld = pld_noise_multiplier(eps, delta, q, steps)
-                line += f" | {pld:9.4f} {1 - pld / exact:6.1%}"
+                line += f" | {pld:8.4f} {1 - pld / exact:5.1%}"
             print(line, flush=True)
 
 
@@ -421,28 +626,31 @@ def query(args):
     steps = args.steps if args.steps is not None else steps
     check_inputs(q=q, delta=args.delta, steps=steps)
     print(f"q = {q:.6g}, steps = {steps}, delta = {args.delta:g}")
-    if args.sigma is not None:
-        rdp = compute_rdp(q, args.sigma, steps)
+    if args.noise_multiplier is not None:
+        rdp = compute_rdp(q, args.noise_multiplier, steps)
         eps, order = get_privacy_spent(DEFAULT_ORDERS, rdp, args.delta)
         mironov = np.min(eps_from_rdp_mironov2017(DEFAULT_ORDERS, rdp, args.delta))
-        print(f"sigma = {args.sigma:g}: eps = {eps:.4f} (RDP, Balle 2020, order {order:g}); "
+        print(f"noise multiplier {args.noise_multiplier:g}: eps = {eps:.4f} (RDP, Balle 2020, order {order:g}); "
               f"with Mironov 2017's conversion {mironov:.4f}")
         if not args.no_tight:
-            print(f"tight (PLD) eps = {pld_epsilon(q, args.sigma, steps, args.delta):.4f}")
+            print(f"tight (PLD) eps = {pld_epsilon(q, args.noise_multiplier, steps, args.delta):.4f}")
     else:
         sigma = get_noise_multiplier(args.target_epsilon, args.delta, q, steps)
-        print(f"eps = {args.target_epsilon:g}: sigma = {sigma:.6f} (RDP, to 1e-6)")
+        print(f"eps = {args.target_epsilon:g}: noise multiplier = {sigma:.6f} (RDP, to 1e-6)")
         if not args.no_tight:
             pld = pld_noise_multiplier(args.target_epsilon, args.delta, q, steps)
-            print(f"tight (PLD) sigma = {pld:.4f}, {1 - pld / sigma:.1%} less noise")
+            print(f"tight (PLD) noise multiplier = {pld:.4f}, {1 - pld / sigma:.1%} less noise")
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    if args.sigma is not None or args.target_epsilon is not None:
+    if args.noise_multiplier is not None or args.target_epsilon is not None:
         return query(args)
+    if args.audit:
+        run_audit(args.out)
+        return print(f"done in {time.time() - t0:.1f} s")
     print_dpdm_table(tight=not args.no_tight)
     if not args.table:
         plot_eps_vs_epochs(pathlib.Path(args.out) / "eps_vs_epochs.png")

@@ -185,8 +185,8 @@ def test_tolerance_search_reproduces_opacus(accountant):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda a: a.compute_rdp(0.1, 0.0, 10), "sigma"),
-    (lambda a: a.compute_rdp(0.1, -1.0, 10), "sigma"),
+    (lambda a: a.compute_rdp(0.1, 0.0, 10), "noise_multiplier"),
+    (lambda a: a.compute_rdp(0.1, -1.0, 10), "noise_multiplier"),
     (lambda a: a.compute_rdp(1.5, 1.0, 10), "q="),
     (lambda a: a.compute_rdp(-0.1, 1.0, 10), "q="),
     (lambda a: a.compute_rdp(0.1, 1.0, 10, [0.5, 2]), "orders"),
@@ -194,7 +194,7 @@ def test_tolerance_search_reproduces_opacus(accountant):
     (lambda a: a.get_privacy_spent([2, 3], [0.1, 0.2], 0.0), "delta"),
     (lambda a: a.get_noise_multiplier(0.0, 1e-5, 0.01, 100), "epsilon"),
     (lambda a: a.get_noise_multiplier(-1.0, 1e-5, 0.01, 100), "epsilon"),
-    (lambda a: a.pld_epsilon(0.1, 0.0, 10, 1e-5), "sigma"),
+    (lambda a: a.pld_epsilon(0.1, 0.0, 10, 1e-5), "noise_multiplier"),
 ])
 def test_bad_inputs_raise(accountant, call, match):
     with pytest.raises(ValueError, match=match):
@@ -278,13 +278,13 @@ def test_pld_noise_multiplier_is_tight_and_safe(accountant):
 
 # ---------------------------------------------------------------- command line
 def test_cli_epsilon_and_sigma(accountant, capsys):
-    accountant.main(["--sigma", "2.487029", "--batch-size", "4096", "--n", "60000",
+    accountant.main(["--noise-multiplier", "2.487029", "--batch-size", "4096", "--n", "60000",
                      "--epochs", "300", "--no-tight"])
     out = capsys.readouterr().out
     assert "q = 0.0666667, steps = 4500" in out and "eps = 10.0000" in out
     accountant.main(["--target-epsilon", "1", "--q", "0.0666666666667", "--steps", "4500",
                      "--no-tight"])
-    assert "sigma = 18.1327" in capsys.readouterr().out
+    assert "noise multiplier = 18.1327" in capsys.readouterr().out
     with pytest.raises(ValueError, match="1/N"):
         accountant.main(["--sigma", "1", "--n", "1000", "--delta", "1e-3"])
 
