@@ -1,45 +1,45 @@
-"""Chapter 04 - Differentially Private Diffusion Models on MNIST, end to end.
+"""Chapter 04 - Differentially Private Diffusion Models (DPDM) on MNIST, end to end.
 
-`python 04_dpdm_mnist.py --eps 10` trains a class-conditional diffusion model with DP-SGD
-at (eps, delta=1e-5) and writes samples. Everything chapters 01-03 built is re-expressed
-here compactly, so this file runs alone.
+`python 04_dpdm_mnist.py --eps 10` trains a class-conditional diffusion model with DP-SGD at
+(eps, delta = 1e-5), samples from it, and evaluates the samples as the paper does.
 
-What you learn (Dockhorn, Cao, Vahdat, Kreis, "Differentially Private Diffusion Models",
-TMLR 2023 - "DPDM"; Karras et al. 2022 - "EDM"):
-  * The denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) with EDM preconditioning
-    (EDM Table 1) and loss  E_sigma,n  lambda(sigma) |D(y + sigma n; sigma) - y|^2,
-    ln sigma ~ N(-1.2, 1.2^2), lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
-  * Noise multiplicity (DPDM Sec. 3.2): each example's loss averages K noise draws. The
-    example is still ONE example for DP-SGD, so K lowers gradient variance at no privacy cost.
-  * DP-SGD (Abadi et al. 2016; DPDM Alg. 1): Poisson sampling with rate q, per-example
-    gradients (torch.func), clipping to norm C, Gaussian noise N(0, sigma_dp^2 C^2 I) once per
-    logical batch, divide by the expected batch size qN.
-  * The RDP accountant of the Poisson-subsampled Gaussian (Mironov et al. 2019) and the
-    RDP -> (eps, delta) conversion of Balle et al. 2020; sigma_dp is calibrated so that the
-    final eps never exceeds the target.
-  * EDM's stochastic sampler with "churn" (EDM Alg. 2), deterministic Heun/DDIM, and
-    classifier-free guidance D = (1 + w) D(x|y) - w D(x|null) (DPDM App. C).
-  * The v-prediction parameterisation DPDM uses at eps = 0.2 (DPDM Sec. 5.2 ablation).
-  * Evaluation as in DPDM Sec. 5: FID, and classifiers trained on samples, tested on real data.
-  * Data parallelism that keeps the guarantee: `torchrun --nproc_per_node=N` splits each
-    logical batch's per-example gradients across processes (places marked "DIST").
-Presets: `paper` (DPDM's config), `gpu` (about an hour on one GPU), `cpu` (<= 15 min on 2
-cores), `smoke` (seconds; tests). Datasets: mnist, fmnist, celeba (32x32, unconditional).
+Part I is the method, to be read top to bottom (Dockhorn, Cao, Vahdat, Kreis, "Differentially
+Private Diffusion Models", TMLR 2023 = DPDM; Karras et al. 2022 = EDM):
+  1. The denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1) and its loss
+        l(x) = 1/K sum_k lambda(sigma_k) |D(x + sigma_k n_k; sigma_k) - x|^2,  ln sigma ~ N(P_mean, P_std^2),
+     with noise multiplicity K (DPDM Sec. 3.2, eq. 6): K noise draws, still ONE example and ONE
+     clipped gradient, so K lowers the gradient variance at no privacy cost.
+  2. DP-SGD (DPDM Alg. 1; Abadi et al. 2016): Poisson sampling with rate q, per-example gradients
+     (torch.func), flat clipping to C, and one Gaussian draw per logical batch:
+        g = (sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN).
+     The mechanism's randomness is secret: seeded from OS entropy, never from --seed.
+  3. The Renyi-DP accountant of the Poisson-subsampled Gaussian (Mironov et al. 2019) with the
+     conversion of Balle et al. 2020: the noise multiplier is calibrated so eps never exceeds the target.
+  4. Sampling as DPDM does: EDM's stochastic "churn" sampler with DPDM's cap, deterministic and
+     stochastic DDIM, classifier-free guidance (DPDM App. C), v-prediction at eps < 1 (Sec. 5.2).
+Part II is infrastructure a reader may skim: the U-Net, data, files (what is safe to publish),
+torchrun, evaluation (FID; classifiers trained on samples, tested on real data), command line.
+Chapters 01-03 teach each piece alone; this file repeats what it needs so that it runs alone.
 """
 import argparse
+import contextlib
 import copy
-import dataclasses
+import functools
 import gzip
 import hashlib
 import io
 import json
 import math
 import os
+import pickle
+import secrets
+import shlex
+import signal
 import sys
 import time
 import urllib.request
 import zipfile
-from dataclasses import dataclass, asdict, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -50,293 +50,572 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.func import functional_call, grad_and_value, vmap
 
+# =============================================================================================
+# PART I - THE METHOD
+# =============================================================================================
 
-# ----------------------------------------------------------------------------- config
+
+# ----------------------------------------------------------------------------- configuration
+def option(default, help, runtime=False, **kw):
+    """A config field with its --help text. runtime=True: changes speed or output, not the model."""
+    return field(default=default, metadata={"help": help, "runtime": runtime, **kw})
+
+
 @dataclass
 class Config:
-    # data
-    dataset: str = "mnist"          # mnist | fmnist | celeba (32x32, unconditional)
-    # model: DDPM++ U-Net (DPDM App. B)
-    channels: int = 32              # base channels
-    mults: tuple = (1, 2, 2)        # channel multiplier per resolution level
-    blocks: int = 2                 # residual blocks per level
-    attn: tuple = (7,)              # resolutions with self-attention
-    unshuffle: int = 1              # 2: run the U-Net on 14x14x4 pixel-unshuffled images
-    # objective
-    param: str = "auto"             # edm | v | auto: v if eps < 1 else edm, as DPDM (v at 0.2)
-    p_mean: float = -1.2            # EDM: ln sigma ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
-    logsnr_min: float = -9.0        # v: log-SNR range of the cosine schedule (DPDM config)
-    logsnr_max: float = 13.0
-    K: int = 32                     # noise multiplicity
-    label_dropout: float = 0.1      # classifier-free guidance training
-    # DP-SGD
-    eps: float = 10.0
-    delta: float = None             # default: 1e-5, CelebA 1e-6 (DPDM; must be < 1/N)
-    batch: int = 4096               # q = 1 / ceil(N / batch), as Opacus' DPDataLoader
-    epochs: float = 300.0           # steps = epochs * ceil(N / batch)
-    clip: float = 1.0
-    lr: float = 3e-4
-    ema: float = 0.999
-    seed: int = 0
-    # sampling (not part of the trained model's identity)
-    sampler: str = "churn"          # churn | heun | ddim (= Euler on the probability-flow ODE)
-    sample_steps: int = 50
-    s_churn: float = 10.0
-    s_min: float = 0.05
-    s_max: float = 50.0
-    s_noise: float = 1.0
-    guidance: float = 0.0           # classifier-free guidance scale w
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    num_samples: int = 10000
-    # run-time knobs (do not change what is computed)
-    chunk: int = 16                 # physical batch: examples per vmap call. Memory grows
-                                    # with chunk * K: 16 GB at 16 x 32 (paper U-Net, fp32)
-    ckpt_every: int = 100           # steps between checkpoints
-    log_every: int = 10
+    """What is trained: model, objective and DP-SGD. Defaults are DPDM's MNIST configuration."""
+    dataset: str = option("mnist", "mnist | fmnist | celeba (32x32, unconditional)", choices=("mnist", "fmnist", "celeba"))
+    channels: int = option(32, "U-Net base channels")
+    mults: tuple = option((1, 2, 2), "U-Net channel multiplier per resolution, e.g. 1,2,2")
+    blocks: int = option(2, "residual blocks per resolution")
+    attn: tuple = option((7,), "resolutions with self-attention, e.g. 7 or 16,8")
+    unshuffle: int = option(1, "2: the U-Net sees pixel-unshuffled images (14x14x4 for MNIST)")
+    param: str = option("auto", "edm | v | auto (v-prediction if eps < 1, else edm, as DPDM)")
+    p_mean: float = option(-1.2, "EDM training noise levels: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = option(1.2, "see --p-mean")
+    logsnr_min: float = option(-9.0, "v-prediction: log-SNR range of the cosine schedule")
+    logsnr_max: float = option(13.0, "see --logsnr-min")
+    K: int = option(32, "noise multiplicity: diffusion-noise draws per example (DPDM Sec. 3.2)")
+    label_dropout: float = option(0.1, "probability of the null label (trains classifier-free guidance)")
+    eps: float = option(10.0, "target epsilon of (eps, delta)-DP; DPDM: 10, 1 or 0.2")
+    delta: float = option(None, "delta; default 1e-5 (CelebA 1e-6); must be < 1/N")
+    batch: int = option(4096, "expected batch size: Poisson rate q = 1/ceil(N/batch), as Opacus")
+    epochs: float = option(300.0, "training length: steps = epochs * ceil(N/batch)")
+    clip: float = option(1.0, "C, the per-example clipping norm")
+    lr: float = option(3e-4, "Adam learning rate")
+    ema: float = option(0.999, "EMA decay of the weights (warm-up min(ema, (1+n)/(10+n)))")
+    seed: int = option(0, "PUBLIC randomness only: initial weights, sampling, evaluation")
+    chunk: int = option(16, "examples per vmap call; memory grows with chunk x K", runtime=True)
+    ckpt_every: int = option(100, "steps between checkpoints", runtime=True)
+    log_every: int = option(10, "steps between progress lines", runtime=True)
 
-    def __post_init__(self):  # DPDM: EDM at eps = 10 and 1, v-prediction at eps = 0.2
-        if self.param == "auto":
+    def __post_init__(self):
+        if self.param == "auto":  # DPDM: EDM at eps = 10 and 1, v-prediction at eps = 0.2
             self.param = "v" if self.eps < 1 else "edm"
         if self.delta is None:
             self.delta = 1e-6 if self.dataset == "celeba" else 1e-5
 
 
-# dataset: (image channels, resolution, classes, DPDM's config where it differs from MNIST's)
-DATASETS = {"mnist": (1, 28, 10, {}), "fmnist": (1, 28, 10, {}),
-            "celeba": (3, 32, 0, dict(batch=2048, attn=(16, 8)))}  # q = 1/80, 24,000 steps
+@dataclass
+class SamplerConfig:
+    """How samples are drawn from a trained model (post-processing: no privacy cost)."""
+    sampler: str = option("ddim", "churn | heun | ddim | ddim-stochastic", choices=("churn", "heun", "ddim", "ddim-stochastic"))
+    sample_steps: int = option(50, "number of noise levels N")
+    s_churn: float = option(0.0, "churn: S_churn (gamma = min(S_churn/N, 1) inside [S_min, S_max])")
+    s_min: float = option(0.05, "churn: S_min")
+    s_max: float = option(50.0, "churn: S_max")
+    s_noise: float = option(1.0, "churn: S_noise")
+    guidance: float = option(0.0, "classifier-free guidance scale w: (1+w) D(x|y) - w D(x|null)")
+    sigma_min: float = option(0.002, "lowest noise level")
+    sigma_max: float = option(80.0, "highest noise level")
+    rho: float = option(7.0, "EDM's time-step exponent")
+    num_samples: int = option(10_000, "images to generate")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    channels: int
+    resolution: int
+    classes: int                                 # 0: unconditional
+    paper: dict = field(default_factory=dict)    # DPDM's config where it differs from MNIST's
+
+
+DATASETS = {"mnist": Dataset(1, 28, 10), "fmnist": Dataset(1, 28, 10),
+            "celeba": Dataset(3, 32, 0, paper=dict(batch=2048, attn=(16, 8)))}  # q = 1/80
+
+
+@dataclass(frozen=True)
+class Preset:
+    train: dict          # Config overrides
+    sampler: object      # SamplerConfig overrides, or "acc" / "fid": the paper's setting for the run
+    eval_epochs: dict    # classifier epochs (DPDM: 50 each)
+    val_samples: int     # a second generated set chooses the epoch (DPDM); 0: hold out 10 % instead
+    time: str            # what the user should expect
 
 
 PRESETS = {
-    # DPDM's released MNIST config: 1.75M-parameter DDPM++, batch 4096 with q = 1/15
-    # (expected batch 4000), 300 epochs = 4500 steps, K = 32, sigma_dp = 2.487 at eps = 10.
-    "paper": dict(),
-    # One modern GPU, about an hour (an estimate, not measured): paper model and batch,
-    # K = 4 and 60 epochs (900 steps) cut the compute 40x; sigma_dp = 1.29 at eps = 10.
-    "gpu": dict(K=4, epochs=60.0, chunk=128, ckpt_every=100),
-    # <= 15 min on one CPU core (measured 13 min; CNN 84-87 % at eps = 10). What limits is
-    # the budget of ~500k per-example gradients, not the DP noise (sigma_dp = 0.61). So: a
-    # 48k-parameter U-Net on 14x14x4 pixel-unshuffled images, B = 1000 for 510 steps (B =
-    # 3000 for 60 steps gave 20 %), a high lr, and P_mean = 0 (P_mean -0.5: 79 %, 0: 85 %).
-    "cpu": dict(channels=8, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2, K=1, batch=1000,
-                epochs=8.5, lr=3e-3, p_mean=0.0, sampler="heun", sample_steps=10,
-                guidance=1.0, chunk=250, ckpt_every=50, log_every=10),
-    # seconds, for the tests
-    "smoke": dict(channels=8, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2, K=2,
-                  batch=32, epochs=2.0, lr=1e-3, sample_steps=4, num_samples=20,
-                  chunk=16, ckpt_every=2, log_every=1),
+    # DPDM's released MNIST config: 1.75M-parameter DDPM++, q = 1/15 (expected batch 4000),
+    # 300 epochs = 4,500 steps, K = 32; noise multiplier 2.487 at eps = 10. Evaluation as
+    # DPDM's train_downstream_classifiers.py: 60k samples, 50 epochs, a second generated set.
+    "paper": Preset({}, "acc", dict(logreg=50, mlp=50, cnn=50), 10_000,
+                    "~50 A100-hours (a third-party rerun: 13 h on 4x A100)"),
+    # One GPU: the paper's model and batch, K = 4 and 60 epochs (900 steps), 40x less compute.
+    "gpu": Preset(dict(K=4, epochs=60.0, chunk=128), {}, dict(logreg=50, mlp=50, cnn=50), 0,
+                  "about an hour on one modern GPU (an estimate, not measured)"),
+    # One CPU core in <= 15 min: what limits is the budget of per-example gradients, not the DP
+    # noise. A 48k-parameter U-Net on 14x14x4 pixel-unshuffled images (README: how it was chosen).
+    "cpu": Preset(dict(channels=8, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2, K=1, batch=1000,
+                       epochs=8.5, lr=3e-3, p_mean=0.0, chunk=250, ckpt_every=50),
+                  dict(sampler="heun", sample_steps=10, guidance=1.0),
+                  dict(logreg=30, mlp=30, cnn=10), 0,
+                  "~13 min on one CPU core: training 10, sampling 2, evaluation 1"),
+    # seconds on tiny data, for the tests
+    "smoke": Preset(dict(channels=8, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2, K=2, batch=32,
+                         epochs=2.0, lr=1e-3, chunk=16, ckpt_every=2, log_every=1),
+                    dict(sample_steps=4, num_samples=20), dict(logreg=1, mlp=1, cnn=1), 0,
+                    "seconds on the tests' tiny data; minutes on real MNIST"),
 }
-EXPECTED_TIME = {"paper": "~50 A100-hours (third-party rerun: 13 h on 4x A100); ~1 h per step "
-                          "on one CPU core (measured), i.e. ~200 days",
-                 "gpu": "~1 h on one modern GPU (an estimate, not measured)",
-                 "cpu": "~13 min on one CPU core: training 10, 10k samples 2, evaluation 1",
-                 "smoke": "seconds"}
-RUNTIME = {"chunk", "ckpt_every", "log_every", "num_samples", "sampler", "sample_steps",
-           "s_churn", "s_min", "s_max", "s_noise", "guidance", "sigma_min", "sigma_max", "rho"}
 
-# The paper's two sampler settings (Config fields; sources in nv-tlabs/DPDM):
-# "fid": the churn setting its README gives for the best FID (quoted for MNIST eps = 1; the
-#        eps = 10 rows of the paper's Tables 13-14 were not reachable offline).
-# "acc": configs/mnist_28/sample_eps_10.0.yaml: deterministic DDIM, 50 steps, no guidance
-#        (the paper's eps = 10 ablation: DDIM CNN 97.7 % vs 98.1 % for its tuned churn).
-SAMPLER_SETTINGS = {
-    "fid": dict(sampler="churn", sample_steps=1000, s_churn=100.0, s_min=0.05, s_max=50.0,
-                s_noise=1.0, guidance=0.0, sigma_min=0.002, sigma_max=80.0, rho=7.0),
-    "acc": dict(sampler="ddim", sample_steps=50, guidance=0.0, sigma_min=0.002,
-                sigma_max=80.0, rho=7.0),
+# The paper's sampler settings (Table 1's "FID" and "Acc" rows): DPImageBench's DPDM configs
+# (2019ChenGong/DPImageBench, configs/DPDM/*.yaml, keys sampler_fid / sampler_acc), which
+# agree with DPDM's README where both exist. All: churn, 1,000 steps, sigma 0.002..80, rho 7.
+PAPER_SAMPLERS = {
+    ("mnist", 10, "fid"): dict(s_churn=50, s_min=0.05, s_max=50, guidance=0.25),
+    ("mnist", 10, "acc"): dict(s_churn=10, s_min=0.025, s_max=50, guidance=0.0),
+    ("mnist", 1, "fid"): dict(s_churn=100, s_min=0.05, s_max=50, guidance=0.0),
+    ("mnist", 1, "acc"): dict(s_churn=10, s_min=0.1, s_max=50, guidance=0.0),
+    ("fmnist", 10, "fid"): dict(s_churn=50, s_min=0.025, s_max=50, guidance=1.0),
+    ("fmnist", 10, "acc"): dict(s_churn=10, s_min=0.025, s_max=50, guidance=0.0),
+    ("fmnist", 1, "fid"): dict(s_churn=50, s_min=0.025, s_max=50, guidance=1.0),
+    ("fmnist", 1, "acc"): dict(s_churn=10, s_min=0.025, s_max=50, guidance=0.0),
 }
 
 
-class UserError(ValueError):
-    """Bad input: the message says what to do. main() prints it and exits."""
+def paper_sampler(dataset, eps, setting):
+    """SamplerConfig overrides of the paper's setting for (dataset, eps), and a note when the
+    nearest published eps (in log scale) had to stand in for this one."""
+    published = [e for d, e, s in PAPER_SAMPLERS if d == dataset and s == setting]
+    if not published:
+        raise UserError(f"the paper publishes sampler settings for mnist and fmnist only, not "
+                        f"{dataset}: choose --sampler etc. yourself")
+    near = min(published, key=lambda e: abs(math.log(e / eps)))
+    note = "" if near == eps else f" (no published setting for eps = {eps}: the one for eps = {near})"
+    return dict(sampler="churn", sample_steps=1000, **PAPER_SAMPLERS[dataset, near, setting]), note
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on CUDA, else cpu")
-    p.add_argument("--out", help="output folder; default out/04_dpdm_mnist, or with --sample-only "
-                                 "/ --eval-only the folder 'resampled' beside --ckpt")
-    p.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw), offline")
-    p.add_argument("--unverified", action="store_true",
-                   help="accept IDX files in --data-dir that do not match the published "
-                        "checksums (your own data in MNIST format); structure is still checked")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
-    p.add_argument("--ckpt", help="checkpoint for --sample-only / --eval-only")
-    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="downstream accuracy (and FID with --fid) after sampling; default: on, "
-                        "except for the smoke preset")
-    p.add_argument("--eval-only", action="store_true", help="sample from --ckpt and evaluate")
-    p.add_argument("--fid", action="store_true",
-                   help="also compute FID (downloads the Inception network once; GPU advised)")
-    p.add_argument("--eval-epochs", type=int, help="classifier epochs (default: preset's)")
-    p.add_argument("--sampler-setting", choices=sorted(SAMPLER_SETTINGS),
-                   help="the paper's named eps=10 sampler settings (override --sampler etc.)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for f in fields(Config):  # every Config field can be overridden: --batch 512 --mults 1,2
-        kind = int if f.type is tuple else f.type
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       type=(lambda s, k=kind: tuple(k(v) for v in s.split(",")))
-                       if f.type is tuple else f.type)
-    args = p.parse_args(argv)
-    args.preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
-    if args.eval is None:  # evaluate after training by default, except in the smoke preset
-        args.eval = not args.sample_only and args.preset != "smoke"
-    args.eval = args.eval or args.eval_only
-    from_ckpt = args.sample_only or args.eval_only  # never overwrite the training run's outputs
-    args.out = args.out or (str(Path(args.ckpt or ".").parent / "resampled") if from_ckpt
-                            else "out/04_dpdm_mnist")
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config)
-                 if getattr(args, f.name) is not None}
-    dataset = overrides.get("dataset", PRESETS[args.preset].get("dataset", "mnist"))
-    if dataset not in DATASETS:
-        p.error(f"--dataset must be one of {', '.join(DATASETS)}")
-    # the paper and gpu presets follow DPDM's config of each dataset; cpu and smoke are budgets
-    per_dataset = DATASETS[dataset][3] if args.preset in ("paper", "gpu") else {}
-    return args, Config(**{**PRESETS[args.preset], **per_dataset, **overrides})
+# ----------------------------------------------------------------------------- denoiser and objective
+SIGMA_DATA = math.sqrt(1 / 3)  # std of U[-1, 1]: DPDM's public constant for data in [-1, 1]
 
 
-# ----------------------------------------------------------------------------- data
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-                     "https://storage.googleapis.com/cvdf-datasets/mnist/",
-                     "http://yann.lecun.com/exdb/mnist/"],
-           "fmnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                      "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/"
-                      "master/data/fashion/"]}
-# MNIST: sha256 of the decompressed files (any gzip of them passes). Fashion-MNIST: md5 of
-# the official .gz files (as published by Zalando and used by torchvision).
-CHECKSUMS = {"mnist": {n: ("sha256-raw", h) for n, h in zip(IDX_FILES, (
-                 "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-                 "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-                 "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-                 "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"))},
-             "fmnist": {n: ("md5-gz", h) for n, h in zip(IDX_FILES, (
-                 "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                 "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))}}
+def edm_precond(sigma, sigma_data=SIGMA_DATA):
+    """EDM Table 1: c_skip, c_out, c_in, c_noise. D is the minimum-variance mix of the noisy
+    input and the network's output, and F's input and target both have unit variance."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
 
 
-def parse_idx(raw, name):
-    """IDX: magic 0x0000 <dtype 0x08=uint8> <ndim>, ndim big-endian uint32 sizes, data."""
-    if len(raw) < 8 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (1, 3):
-        raise UserError(f"{name}: not an IDX uint8 file (bad magic number)")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if ndim == 3 and dims[1:] != [28, 28] or len(raw) != 4 + 4 * ndim + math.prod(dims):
-        raise UserError(f"{name}: corrupt IDX file (dims {dims}, {len(raw)} bytes)")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+class EDMDenoiser(nn.Module):
+    """D(x; sigma, y) = c_skip x + c_out F(c_in x, c_noise, y) around the U-Net F.
+    param "v" (v-prediction, Salimans & Ho 2022; DPDM at eps = 0.2): the same with sigma_data = 1
+    and c_noise = 2/pi atan(sigma), the time of the cosine schedule."""
+
+    def __init__(self, net, param="edm"):
+        super().__init__()
+        self.net, self.param = net, param
+        self.sigma_data = SIGMA_DATA if param == "edm" else 1.0
+        self.n_classes, self.img_shape = net.n_classes, net.img_shape
+
+    def forward(self, x, sigma, y):
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        if self.param == "v":
+            c_noise = torch.atan(sigma) * 2 / math.pi
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), y).float()
 
 
-def check_idx_file(data, dataset, name, unverified=False):
-    """Decompress if gzipped, verify the published checksum, parse the IDX structure."""
-    raw = data
-    if data[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise UserError(f"{name}: corrupt gzip file ({e}); delete it and fetch it again")
-    kind, want = CHECKSUMS[dataset][name]
-    got = (hashlib.sha256(raw) if kind == "sha256-raw" else hashlib.md5(data)).hexdigest()
-    if got != want and not unverified:
-        raise UserError(f"{name}: checksum mismatch ({kind} {got} != {want}): the file is "
-                        f"corrupt or not {dataset}. Delete it and fetch it again, or pass "
-                        f"--unverified to use it anyway (its IDX structure is checked).")
-    return parse_idx(raw, name)
-
-
-def download(dataset, name, cache, mirrors=None):
-    """Try each mirror; cache the first copy whose checksum verifies (atomic write)."""
-    errors = []
-    for base in mirrors or MIRRORS[dataset]:
-        try:
-            with urllib.request.urlopen(base + name + ".gz", timeout=30) as r:
-                data = r.read()
-            check_idx_file(data, dataset, name)
-        except (OSError, UserError) as e:
-            errors.append(f"{base}: {e}")
-            continue
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f"{name}.{os.getpid()}.part"  # one per process: torchrun ranks race here
-        tmp.write_bytes(data)
-        os.replace(tmp, cache / (name + ".gz"))
-        return data
-    raise UserError(f"could not download {name}.gz for {dataset}:\n  " + "\n  ".join(errors))
-
-
-CELEBA_TRAIN_N = 162_770  # official split: 000001.jpg ... 162770.jpg are "train" (partition 0)
-CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip ('Align&Cropped "
-               "Images') from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive link "
-               "there) and pass its path, or the unzipped img_align_celeba folder, as --data-dir.")
-
-
-def center_crop_resize(img, resolution=32):
-    """Centre square crop, then Lanczos resize: StyleGAN's dataset_tool --transform=center-crop,
-    which DPDM's data preparation uses."""
-    a = np.asarray(img.convert("RGB"))
-    c = min(a.shape[:2])
-    top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
-    crop = Image.fromarray(a[top:top + c, left:left + c])
-    return np.asarray(crop.resize((resolution, resolution), Image.LANCZOS))
-
-
-def load_celeba(path, resolution=32):
-    """uint8 (N, 3, res, res) of the official training split (files 000001-162770.jpg, the
-    partition 0 of list_eval_partition.txt) from img_align_celeba.zip or its folder."""
-    path = Path(path)
-    path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
-    if path.suffix == ".zip" and path.is_file():
-        archive = zipfile.ZipFile(path)
-        names, read = {PurePath(n).name: n for n in archive.namelist()}, archive.read
-    elif path.is_dir():
-        names, read = {p.name: p for p in path.iterdir()}, Path.read_bytes
+def draw_sigma_and_noise(x, K, generator, p_mean=-1.2, p_std=1.2, param="edm", logsnr=(-9.0, 13.0)):
+    """K training noise levels per example and their noise: sigma [B, K], n [B, K, *x.shape[1:]].
+    edm: ln sigma ~ N(p_mean, p_std^2). v: t uniform over the cosine schedule's log-SNR range,
+    sigma = tan(pi t / 2): more weight on high noise, which DPDM found crucial at strong privacy."""
+    b, dev = len(x), generator.device
+    if param == "edm":
+        sigma = (p_mean + p_std * torch.randn(b, K, generator=generator, device=dev)).exp()
     else:
-        raise UserError(f"no CelebA images at {path}. {CELEBA_HELP}")
-    keep = sorted(n for n in names if n.lower().endswith(".jpg") and n[:-4].isdigit()
-                  and int(n[:-4]) <= CELEBA_TRAIN_N)
-    if not keep:
-        raise UserError(f"no CelebA training images (000001.jpg ...) in {path}. {CELEBA_HELP}")
-    out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
-    for i, name in enumerate(keep):
-        img = Image.open(io.BytesIO(read(names[name])))
-        out[i] = center_crop_resize(img, resolution).transpose(2, 0, 1)
-        if (i + 1) % 20_000 == 0:
-            print(f"  CelebA: {i + 1}/{len(keep)} images")
-    return out
+        t_lo, t_hi = (2 / math.pi * math.atan(math.exp(-s / 2)) for s in (logsnr[1], logsnr[0]))
+        t = t_lo + (t_hi - t_lo) * torch.rand(b, K, generator=generator, device=dev)
+        sigma = torch.tan(math.pi * t / 2)
+    return sigma, torch.randn(b, K, *x.shape[1:], generator=generator, device=dev)
 
 
-def load_data(dataset, data_dir=None, unverified=False):
-    """{"train": (x, y), "test": (x, y)}: x float32 [n,C,H,W] scaled to [-1,1], y int64
-    (CelebA: y and "test" are None). Reads --data-dir, else the cache ./data/<dataset>,
-    downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
-    folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
-    if dataset == "celeba":
-        return {"train": (torch.from_numpy(load_celeba(folder)) / 127.5 - 1.0, None), "test": None}
-    help_ = (f"the four files {', '.join(IDX_FILES)} (.gz or raw) are at {MIRRORS[dataset][0]}; "
-             f"offline, put them in a folder and pass --data-dir")
-    arrays = []
-    for name in IDX_FILES:
-        path = next((folder / f for f in (name + ".gz", name) if (folder / f).exists()), None)
-        if path is None and data_dir:
-            raise UserError(f"missing {name}(.gz) in {folder}: {help_}")
-        try:
-            data = path.read_bytes() if path else download(dataset, name, folder)
-        except UserError as e:
-            raise UserError(f"{e}\n{help_}")
-        arrays.append(check_idx_file(data, dataset, name, unverified and path is not None))
-    out = {}
-    for split, (xi, yi) in (("train", arrays[:2]), ("test", arrays[2:])):
-        if len(xi) != len(yi):
-            raise UserError(f"{split}: {len(xi)} images but {len(yi)} labels; {help_}")
-        x = torch.from_numpy(xi.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
-        out[split] = (x, torch.from_numpy(yi.astype(np.int64)))
-    return out
+def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
+    """Per-example loss [B], each the mean over its K draws and all pixels of
+    lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2, lambda = 1 / c_out^2 (EDM Table 1).
+    The K draws are folded into the batch the network sees."""
+    b, K = sigma.shape
+    xk = x0.unsqueeze(1).expand(b, K, *x0.shape[1:]).reshape(b * K, *x0.shape[1:])
+    s = sigma.reshape(b * K, *[1] * (x0.dim() - 1))
+    weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
+    err = weight * (denoiser(xk + s * n.reshape(xk.shape), s) - xk) ** 2
+    return err.reshape(b, -1).mean(1)
 
 
-# ----------------------------------------------------------------------------- model
+def dpdm_loss(model, x, y, sigma, n, sigma_data):
+    """DP-SGD's loss_fn: the class-conditional EDM loss of each example (y: labels, with the
+    null label where label dropout hit)."""
+    K = sigma.shape[1]
+    return edm_loss(lambda xk, s: model(xk, s, y.repeat_interleave(K)), x, sigma, n, sigma_data)
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+def secret_generator(device="cpu", insecure_seed=None):
+    """The generator of ALL training randomness: Poisson batches, diffusion noise, DP noise.
+    DP's adversary knows every training image but one. If this noise were a function of a seed
+    they can read (a printed or stored --seed), they could replay training with and without
+    that image and compare with the released model: certainty, at any eps. So it is seeded
+    with 63 bits of OS entropy, never printed, and its state is kept only in the private resume
+    file. torch's generator is not a cryptographic one (a deployment would use a CSPRNG and
+    Opacus-style secure_mode against floating-point attacks, Mironov 2012). insecure_seed:
+    reproducible noise for tests and debugging; it voids the guarantee and the run says so."""
+    seed = secrets.randbits(63) if insecure_seed is None else insecure_seed
+    if dist.is_initialized():  # DIST: every process must draw the same noise: rank 0's secret
+        shared = torch.tensor([seed], dtype=torch.int64, device=device)
+        dist.broadcast(shared, 0)
+        seed = int(shared)
+    return torch.Generator(device).manual_seed(seed)
+
+
+def poisson_sample(n, q, generator):
+    """Indices of a Poisson batch: each example joins independently with probability q. The
+    accountant's amplification by subsampling is proven for THIS mechanism, not for shuffled
+    fixed-size batches. The batch size is random and may be 0."""
+    return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < q).flatten()
+
+
+def batch_randomness(x, y, cfg, n_classes, generator):
+    """Every random draw of a logical batch, made before it is cut into chunks or shared
+    between processes: so the chunk size and the number of processes change speed, not
+    results. Label dropout (the null label n_classes trains guidance), then K noise levels
+    and noises per example."""
+    drop = torch.rand(len(y), generator=generator, device=generator.device) < cfg.label_dropout
+    sigma, n = draw_sigma_and_noise(x, cfg.K, generator, cfg.p_mean, cfg.p_std, cfg.param,
+                                    (cfg.logsnr_min, cfg.logsnr_max))
+    return x, torch.where(drop, n_classes, y), sigma, n
+
+
+def per_example_grads(model, loss_fn, *batch, chunk_size=None):
+    """({name: [B, *param.shape]}, losses [B]): the gradient of each example's loss, by running
+    the gradient of ONE example's loss over the batch with vmap. loss_fn(model, *batch) -> [B]."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss_of_one(p, *example):
+        stateless_model = lambda *inputs: functional_call(model, p, inputs)
+        return loss_fn(stateless_model, *[t.unsqueeze(0) for t in example])[0]
+
+    return vmap(grad_and_value(loss_of_one), in_dims=(None,) + (0,) * len(batch),
+                chunk_size=chunk_size)(params, *batch)
+
+
+def per_example_norms(grads):
+    """||g_i||_2 over ALL parameters flattened together: shape [B]."""
+    return torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+
+
+def clip_per_example(grads, C):
+    """g_i min(1, C / ||g_i||): every example's flat gradient gets norm <= C, small ones are kept."""
+    factor = (C / (per_example_norms(grads) + 1e-12)).clamp(max=1.0)
+    return {k: g * factor.reshape(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
+
+
+def add_dp_noise(summed, noise_multiplier, C, generator):
+    """The Gaussian mechanism: summed + N(0, noise_multiplier^2 C^2 I). One example moves the
+    clipped sum by at most C (its sensitivity), so the noise scales with C."""
+    return {k: s + noise_multiplier * C * torch.randn(s.shape, generator=generator, device=s.device)
+            for k, s in summed.items()}
+
+
+def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size, generator,
+                     chunk_size=None):
+    """(sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info {"norms", "losses"}.
+    Per-example gradients live one chunk of chunk_size examples at a time (bf16 network on a GPU;
+    the DP arithmetic is fp32). Dividing by the EXPECTED batch size qN, not the realised one,
+    keeps the released gradient's sensitivity at C/(qN) whoever was sampled. The norms and
+    losses are statistics of private data: look at them, never publish them.
+    DIST: process r of R computes the r-th share of the batch; the clipped sums are all-reduced,
+    so every process holds the sum of the whole batch and adds the same noise (same generator
+    state): the noise enters once, and each process's info covers its own share."""
+    rank, size = world()
+    b = len(batch[0])
+    share = -(-b // size)
+    first, last, step = rank * share, min(b, (rank + 1) * share), chunk_size or max(b, 1)
+    summed = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in model.named_parameters()}
+    norms, losses = [torch.zeros(0, device=batch[0].device)], [torch.zeros(0, device=batch[0].device)]
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if batch[0].is_cuda
+           else contextlib.nullcontext())
+    for i in range(first, last, step):  # an empty batch skips the loop: a noise-only step
+        with amp:
+            grads, loss = per_example_grads(model, loss_fn, *[t[i:min(i + step, last)] for t in batch])
+        grads = {k: g.float() for k, g in grads.items()}
+        norms.append(per_example_norms(grads))
+        losses.append(loss.float())
+        for k, g in clip_per_example(grads, C).items():
+            summed[k] += g.sum(0)
+    if size > 1:
+        for total in summed.values():
+            dist.all_reduce(total)
+    noisy = add_dp_noise(summed, noise_multiplier, C, generator)
+    return ({k: g / expected_batch_size for k, g in noisy.items()},
+            {"norms": torch.cat(norms), "losses": torch.cat(losses)})
+
+
+def dp_sgd_step(model, optimizer, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
+                generator, chunk_size=None):
+    """One DP-SGD update (DPDM Alg. 1); the optimizer's step is post-processing: free."""
+    grads, info = private_gradient(model, loss_fn, *batch, C=C, noise_multiplier=noise_multiplier,
+                                   expected_batch_size=expected_batch_size, generator=generator,
+                                   chunk_size=chunk_size)
+    for k, p in model.named_parameters():
+        p.grad = grads[k].to(p.dtype)
+    optimizer.step()
+    return info
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, max_decay):
+    """EMA with DPDM's warm-up decay min(ema, (1+n)/(10+n)): post-processing, no privacy cost."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - decay)
+
+
+# ----------------------------------------------------------------------------- accountant
+# As chapter 03 but shorter: RDP by numerical integration of its defining expectation instead
+# of 03's series (the same numbers; the tests compare), over a coarser grid of orders.
+RDP_ORDERS = np.concatenate([np.arange(1.25, 12, 0.25), np.arange(12, 257)])
+
+
+def rdp_subsampled_gaussian(q, noise_multiplier, orders=RDP_ORDERS):
+    """RDP of one step at real orders a > 1 (Mironov, Talwar, Zhang 2019, Sec. 3.3):
+        eps(a) = log A_a / (a - 1),  A_a = E_{z ~ N(0, s^2)} [(1 - q + q e^{(2z - 1)/(2 s^2)})^a],
+    s = noise_multiplier: the a-th moment of the likelihood ratio between "with" and "without"
+    one example. Trapezoid rule in log space (A_a reaches e^1000s) on a grid of step s/20: the
+    integrand is smooth, and the rule is then accurate far beyond float64."""
+    s = noise_multiplier
+    z = np.arange(-12 * s, orders.max() + 12 * s, s / 20)
+    log_phi = -z ** 2 / (2 * s ** 2) - math.log(s * math.sqrt(2 * math.pi)) + math.log(s / 20)
+    with np.errstate(divide="ignore"):
+        log_ratio = np.logaddexp(np.log1p(-q), math.log(q) + (2 * z - 1) / (2 * s ** 2))
+    log_f = log_phi[None] + orders[:, None] * log_ratio[None]
+    top = log_f.max(1)
+    return (top + np.log(np.exp(log_f - top[:, None]).sum(1))) / (orders - 1)
+
+
+def epsilon_rdp(q, noise_multiplier, steps, delta, orders=RDP_ORDERS):
+    """(eps, delta) after `steps` compositions (RDP adds up), by Balle et al. 2020, Thm. 21:
+    eps = rdp(a) + log((a-1)/a) - (log delta + log a) / (a - 1), minimised over the orders a."""
+    if steps == 0:
+        return 0.0
+    rdp, a = steps * rdp_subsampled_gaussian(q, noise_multiplier, orders), orders
+    return float(np.min(rdp + np.log1p(-1 / a) - (math.log(delta) + np.log(a)) / (a - 1)))
+
+
+def get_noise_multiplier(target_epsilon, delta, sample_rate, steps):
+    """The smallest noise multiplier (to 1e-4 relative) whose eps <= target: a bisection that
+    returns the upper end, so the target is never exceeded."""
+    eps = lambda s: epsilon_rdp(sample_rate, s, steps, delta)
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise UserError(f"eps = {target_epsilon} is out of reach even with enormous noise")
+    while hi / lo > 1 + 1e-4:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return hi
+
+
+def privacy_plan(cfg, n):
+    """q, total steps and the calibrated noise multiplier; refuses an eps or delta that cannot hold."""
+    if not cfg.eps > 0:
+        raise UserError(f"--eps must be > 0 (got {cfg.eps}); DPDM uses 0.2, 1 or 10")
+    if not 0 < cfg.delta < 1 / n:
+        raise UserError(f"--delta must be in (0, 1/N) = (0, {1 / n:.3g}) for N = {n} training "
+                        f"examples (got {cfg.delta}); the usual choice is 1e-5 for MNIST")
+    batches = math.ceil(n / cfg.batch)
+    q, steps = 1 / batches, max(1, round(cfg.epochs * batches))
+    return q, steps, get_noise_multiplier(cfg.eps, cfg.delta, q, steps)
+
+
+def privacy_report(cfg, q, noise_multiplier, steps, total_steps, insecure_seed):
+    """What the DP guarantee covers: everything here is public knowledge or a DP output."""
+    void = insecure_seed is not None
+    return {"eps_spent": epsilon_rdp(q, noise_multiplier, steps, cfg.delta), "delta": cfg.delta,
+            "eps_target": cfg.eps, "noise_multiplier": noise_multiplier, "q": q, "clip": cfg.clip,
+            "steps": steps, "total_steps": total_steps,
+            "accountant": "RDP of the Poisson-subsampled Gaussian, Balle et al. 2020 conversion",
+            "privacy_guarantee": "VOID: noise seed known (--insecure-noise-seed)" if void else "valid"}
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
+    """DP-SGD training; returns (EMA denoiser, privacy report, seconds of training). DIST:
+    every process runs this loop; only the per-example gradients are split (private_gradient).
+    run: what the releasable model file records besides the model (preset, sampler)."""
+    x_train, y_train = (t.to(device) for t in data["train"])
+    n = len(x_train)
+    q, total_steps, noise_multiplier = privacy_plan(cfg, n)
+    torch.manual_seed(cfg.seed)  # public: the initial weights
+    model = build_denoiser(cfg).to(device)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = secret_generator(device, insecure_seed)
+    step, seconds = load_resume_state(out, cfg, n, model, ema, opt, gen) if resume else (0, 0.0)
+    loss_fn = functools.partial(dpdm_loss, sigma_data=model.sigma_data)
+    report = lambda: privacy_report(cfg, q, noise_multiplier, step, total_steps, insecure_seed)
+    print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_seed)
+    t0, start, seen = time.time(), step, 0
+    with StopRequest() as stop:
+        while step < total_steps:
+            idx = poisson_sample(n, q, gen)
+            batch = batch_randomness(x_train[idx], y_train[idx], cfg, model.n_classes, gen)
+            info = dp_sgd_step(model, opt, loss_fn, *batch, C=cfg.clip, noise_multiplier=noise_multiplier,
+                               expected_batch_size=q * n, generator=gen, chunk_size=cfg.chunk)
+            step += 1  # the accountant counts every step that released a noisy gradient
+            ema_update(ema, model, step, cfg.ema)
+            loss, seen = info["losses"].mean().item() if len(idx) else 0.0, seen + len(idx)
+            if not math.isfinite(loss):
+                raise UserError(f"the training loss became {loss} at step {step}: stopped, nothing "
+                                f"new saved. Lower --lr (now {cfg.lr}) and start again.")
+            stopping = stop.requested_on_any_rank(device)
+            if step % cfg.ckpt_every == 0 or step == total_steps or stopping:
+                save_run(out, cfg, model, ema, opt, gen, report(), seconds + time.time() - t0, n, run)
+            if stopping:
+                raise Interrupted(step, total_steps, report()["eps_spent"])
+            if step % cfg.log_every == 0 or step == total_steps:
+                print_progress(step, total_steps, loss, report()["eps_spent"], cfg.eps, seen,
+                               time.time() - t0, start)
+    return ema, report(), seconds + time.time() - t0
+
+
+# ----------------------------------------------------------------------------- sampling
+def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM eq. 5: t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((a + i / max(num_steps - 1, 1) * (b - a)) ** rho).tolist()
+
+
+def guided(denoiser, y, w):
+    """D(x; t) for fixed labels y with classifier-free guidance (DPDM App. C):
+    (1 + w) D(x|y) - w D(x|null); w = 0 (or no classes) skips the unconditional call."""
+    null = torch.full_like(y, denoiser.n_classes)
+
+    def D(x, t):
+        s = torch.full((len(x),), float(t), device=x.device)
+        d = denoiser(x, s, y)
+        return d if not (w and denoiser.n_classes) else (1 + w) * d - w * denoiser(x, s, null)
+    return D
+
+
+@torch.no_grad()
+def sample_churn(D, x, sigmas, s_churn, s_min, s_max, s_noise, generator, churn_limit=1.0):
+    """EDM Alg. 2 as DPDM runs it. Before the step from t to the next level, raise the noise to
+    t(1 + gamma), gamma = min(S_churn / N, churn_limit) for t in [S_min, S_max] (DPDM's cap is 1;
+    EDM's is sqrt 2 - 1), then a Heun step (Euler on the last step, to sigma = 0). Returns the
+    last denoiser output, as DPDM does. S_churn = 0 is the deterministic Heun sampler."""
+    ts = list(sigmas) + [0.0]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        gamma = min(s_churn / len(sigmas), churn_limit) if s_min <= t <= s_max else 0.0
+        t_hat = t * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(t_hat ** 2 - t ** 2) * s_noise * torch.randn(
+                x.shape, generator=generator, device=x.device)
+        d = D(x, t_hat)
+        x_next = x + (t_next - t_hat) * (x - d) / t_hat
+        if t_next > 0:  # Heun's second-order correction
+            x_next = x + (t_next - t_hat) / 2 * ((x - d) / t_hat + (x_next - D(x_next, t_next)) / t_next)
+        x = x_next
+    return d
+
+
+def sample_heun(D, x, sigmas):
+    return sample_churn(D, x, sigmas, 0.0, 0.0, math.inf, 1.0, None)
+
+
+@torch.no_grad()
+def sample_ddim(D, x, sigmas, generator=None, stochastic=False):
+    """DDIM = Euler on the probability-flow ODE dx/dt = (x - D)/t over the N levels, then one
+    last denoiser call at sigma_min, as DPDM. stochastic=True: DPDM's stochastic variant, twice
+    the drift plus fresh noise, x += 2 dt (x - D)/t + sqrt(2 |dt| t) z."""
+    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+        dt = t_next - t
+        if stochastic:
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+            x = x + 2 * dt * (x - D(x, t)) / t + math.sqrt(2 * abs(dt) * t) * z
+        else:
+            x = x + dt * (x - D(x, t)) / t
+    return D(x, sigmas[-1])
+
+
+def generate(denoiser, sc, num, device, seed, batch=1000):
+    """Class-balanced samples (labels 0, 1, .., 9, 0, ..; all 0 if unconditional) as uint8 images
+    [num, H, W] (grayscale) or [num, H, W, 3], and their labels. Sampling is post-processing of
+    the DP model, so its randomness may be public (--seed)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    labels = torch.arange(num, device=device) % max(denoiser.n_classes, 1)
+    sigmas = edm_sigma_steps(sc.sample_steps, sc.sigma_min, sc.sigma_max, sc.rho)
+    xs, t0 = [], time.time()
+    for i in range(0, num, batch):
+        y = labels[i:i + batch]
+        D = guided(denoiser, y, sc.guidance)
+        x = sigmas[0] * torch.randn((len(y), *denoiser.img_shape), generator=gen, device=device)
+        if sc.sampler == "churn":
+            x = sample_churn(D, x, sigmas, sc.s_churn, sc.s_min, sc.s_max, sc.s_noise, gen)
+        elif sc.sampler == "heun":
+            x = sample_heun(D, x, sigmas)
+        else:
+            x = sample_ddim(D, x, sigmas, gen, stochastic=sc.sampler == "ddim-stochastic")
+        xs.append(x.cpu())
+        if i + len(y) < num:
+            print_rate("  sampled", i + len(y), num, time.time() - t0)
+    x = ((torch.cat(xs).permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return (x[..., 0] if x.shape[-1] == 1 else x), labels.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args, cfg, sc = parse_args(argv)
+    rank = init_distributed(args)
+    torch.set_num_threads(args.threads)
+    out, t_start = Path(args.out), time.time()
+    try:
+        if args.sample_only or args.eval_only:  # from a releasable model file
+            refuse_to_overwrite(out, args, SAMPLE_FILES)
+            cfg, ema, report, saved = load_model_file(args.ckpt, args.device)
+            args.preset, times = args.preset or saved["preset"], {}
+            sc = sampler_config(args, cfg, saved["sampler"])
+            data = load_data(cfg.dataset, args.data_dir, args.unverified) if args.eval else None
+        else:
+            refuse_to_overwrite(out, args, RUN_FILES)
+            print(f"preset '{args.preset}': {PRESETS[args.preset].time}. DPDM's own configuration: "
+                  f"--preset paper")
+            data = load_data(cfg.dataset, args.data_dir, args.unverified)
+            run = {"preset": args.preset, "sampler": plain(sc)}
+            ema, report, train_s = train(cfg, data, out, args.device, args.resume, args.insecure_noise_seed, run)
+            times = {"train_time_s": train_s}
+        if dist.is_initialized():  # DIST: sampling, outputs and evaluation are rank 0's
+            dist.destroy_process_group()
+            if rank > 0:
+                return
+        print(f"sampling {sc.num_samples} images ({sampler_text(sc)}) ...")
+        t0 = time.time()
+        x, y = generate(ema.eval(), sc, sc.num_samples, args.device, cfg.seed)
+        times["sample_time_s"] = time.time() - t0
+        metrics = save_outputs(out, x, y, cfg, sc, report, times, len(data["train"][0]) if data else None)
+        if args.eval:
+            t0 = time.time()
+            metrics["evaluation"] = evaluate(ema, x, y, data, cfg, sc, args)
+            metrics["not_covered_by_dp"]["eval_time_s"] = time.time() - t0
+            write_json(out / "metrics.json", metrics)
+        print_summary(out, args, metrics, time.time() - t_start)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(f"\ninterrupted at step {e.step}/{e.total} (eps spent so far {e.eps:.4f}); "
+              f"continue with: {continue_command(argv)}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last checkpoint in {out} is kept. Continue with: "
+              f"{continue_command(argv)}", file=sys.stderr)
+        sys.exit(130)
+
+
+# =============================================================================================
+# PART II - INFRASTRUCTURE (a reader may skim: each block opens with what it is)
+# =============================================================================================
+
+
+# ----------------------------------------------------------------------------- U-Net: DDPM++ as in DPDM App. B
 def noise_embedding(c_noise, dim):
     """Sinusoidal embedding of the (scalar) noise level, as DDPM++'s positional embedding."""
     half = dim // 2
@@ -345,9 +624,8 @@ def noise_embedding(c_noise, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def group_norm(c):
-    return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)  # GroupNorm, never BatchNorm: BN mixes
-                                                       # examples, which breaks per-example DP
+def group_norm(c):  # GroupNorm, never BatchNorm: BN mixes the examples of a batch, so one
+    return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)  # example's gradient would depend on others
 
 
 class Attention(nn.Module):
@@ -390,14 +668,14 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net F(x, c_noise, y). With unshuffle=r it runs on (H/r)x(W/r)x(r^2 C) images."""
+    """F(x, c_noise, y). With unshuffle=r it runs on (H/r)x(W/r)x(r^2 C) images. n_classes = 0:
+    unconditional (y is ignored); else a class embedding with one extra "null" label."""
     def __init__(self, img_channels=1, res=28, channels=32, mults=(1, 2, 2), blocks=2,
                  attn=(7,), n_classes=10, unshuffle=1):
         super().__init__()
         self.unshuffle, self.channels, self.n_classes = unshuffle, channels, n_classes
         self.img_shape = (img_channels, res, res)
         cin, res, emb = img_channels * unshuffle ** 2, res // unshuffle, 4 * channels
-        # class embedding with one extra "null" label (index n_classes) for CFG
         self.label = nn.Embedding(n_classes + 1, channels) if n_classes else None
         self.map = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(cin, channels, 3, padding=1)
@@ -423,13 +701,10 @@ class UNet(nn.Module):
         self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, cin, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise, y=None):
+    def forward(self, x, c_noise, y):
         emb = noise_embedding(c_noise, self.channels)
-        if self.label is not None:
-            emb = emb + self.label(y)
-        emb = self.map(emb)
-        x = F.pixel_unshuffle(x, self.unshuffle)
-        hs = [self.conv_in(x)]
+        emb = self.map(emb if self.label is None else emb + self.label(y))
+        hs = [self.conv_in(F.pixel_unshuffle(x, self.unshuffle))]
         for block in self.down:
             hs.append(block(hs[-1], emb))
         h = hs[-1]
@@ -440,409 +715,435 @@ class UNet(nn.Module):
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.unshuffle)
 
 
-def build_model(cfg):
-    img_channels, res, n_classes, _ = DATASETS[cfg.dataset]
-    return UNet(img_channels, res, cfg.channels, cfg.mults, cfg.blocks, cfg.attn, n_classes,
-                cfg.unshuffle)
+def build_denoiser(cfg):
+    d = DATASETS[cfg.dataset]
+    return EDMDenoiser(UNet(d.channels, d.resolution, cfg.channels, cfg.mults, cfg.blocks, cfg.attn,
+                            d.classes, cfg.unshuffle), cfg.param)
 
 
-# ----------------------------------------------------------------------------- objective
-SIGMA_DATA = math.sqrt(1 / 3)  # std of data uniform on [-1, 1], DPDM's choice
+# ----------------------------------------------------------------------------- data: IDX files (downloaded, verified), CelebA
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                     "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                     "http://yann.lecun.com/exdb/mnist/"],
+           "fmnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                      "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/"
+                      "master/data/fashion/"]}
+# MNIST: sha256 of the decompressed files (any gzip of them passes). Fashion-MNIST: md5 of the
+# official .gz files (Zalando's README, torchvision); only their .gz bytes can be checked.
+CHECKSUMS = {"mnist": {n: ("sha256-raw", h) for n, h in zip(IDX_FILES, (
+                 "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+                 "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                 "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                 "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"))},
+             "fmnist": {n: ("md5-gz", h) for n, h in zip(IDX_FILES, (
+                 "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                 "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))}}
+CLASS_NAMES = {"mnist": [str(i) for i in range(10)],
+               "fmnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                          "Sneaker", "Bag", "Boot"]}
 
 
-def denoise(net, x, sigma, y, param):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise). sigma broadcasts as [b,1,1,1].
-    edm: EDM Table 1 with sigma_data; v: the same with sigma_data = 1 and c_noise = t, the
-    cosine-schedule time with sigma = tan(pi t / 2) (v-prediction, Salimans & Ho 2022)."""
-    sd = SIGMA_DATA if param == "edm" else 1.0
-    c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-    c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
-    c_noise = sigma.log() / 4 if param == "edm" else torch.atan(sigma) * 2 / math.pi
-    return c_skip * x + c_out * net(c_in * x, c_noise.flatten(), y).float()
+def idx_help(dataset):
+    return (f"expected the four files {', '.join(IDX_FILES)} (.gz or raw) of {dataset}, from "
+            f"{MIRRORS[dataset][0]}; offline, put them in a folder and pass --data-dir FOLDER")
 
 
-def sample_sigma(shape, cfg, gen):
-    """Training noise levels. edm: ln sigma ~ N(P_mean, P_std^2). v: t ~ U over the cosine
-    schedule's log-SNR range [logsnr_min, logsnr_max], sigma = tan(pi t / 2) - this puts more
-    weight on high noise levels, which DPDM found crucial at strong privacy."""
-    dev = gen.device
-    if cfg.param == "edm":
-        return (cfg.p_mean + cfg.p_std * torch.randn(shape, generator=gen, device=dev)).exp()
-    t_lo, t_hi = (2 / math.pi * math.atan(math.exp(-s / 2)) for s in (cfg.logsnr_max, cfg.logsnr_min))
-    t = t_lo + (t_hi - t_lo) * torch.rand(shape, generator=gen, device=dev)
-    return torch.tan(math.pi * t / 2)
+def parse_idx(raw, name):
+    """IDX: magic 0x0000 <dtype 0x08=uint8> <ndim>, ndim big-endian uint32 sizes, data."""
+    if len(raw) < 8 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (1, 3):
+        raise UserError(f"{name}: not an IDX uint8 file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if ndim == 3 and dims[1:] != [28, 28] or len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise UserError(f"{name}: corrupt IDX file (dims {dims}, {len(raw)} bytes)")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def loss_weight(sigma, param):
-    sd = SIGMA_DATA if param == "edm" else 1.0
-    return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+def check_idx_file(data, dataset, name, unverified=False):
+    """Decompress if gzipped, verify the published checksum, parse the IDX structure."""
+    gz = data[:2] == b"\x1f\x8b"
+    try:
+        raw = gzip.decompress(data) if gz else data
+    except (OSError, EOFError) as e:
+        raise UserError(f"{name}: corrupt gzip file ({e}); fetch it again")
+    kind, want = CHECKSUMS[dataset][name]
+    if kind == "md5-gz" and not gz:  # Fashion-MNIST publishes checksums of its .gz files only
+        print(f"  {name}: raw file, checked by its structure only (checksums exist for the .gz)")
+    elif not unverified:
+        got = (hashlib.sha256(raw) if kind == "sha256-raw" else hashlib.md5(data)).hexdigest()
+        if got != want:
+            mnist_file = hashlib.sha256(raw).hexdigest() == CHECKSUMS["mnist"][name][1]
+            raise UserError(f"{name} is MNIST's file, not {dataset}'s: pass --dataset mnist, or put "
+                            f"{dataset}'s files in that folder" if mnist_file else
+                            f"{name}: checksum mismatch ({kind} {got} != {want}): not the published "
+                            f"{dataset} file (corrupt or another data set). Fetch it again, or pass "
+                            f"--unverified to use your own data in IDX format")
+    return parse_idx(raw, name)
 
 
-def diffusion_loss(net, x, y, sigma, noise, param):
-    """Per-example loss with noise multiplicity: x [b,C,H,W], y [b], sigma [b,K],
-    noise [b,K,C,H,W] -> [b], each the mean over its K noise draws and all pixels."""
-    b, K = sigma.shape
-    xk = x[:, None].expand(b, K, *x.shape[1:]).reshape(b * K, *x.shape[1:])
-    s = sigma.reshape(b * K, 1, 1, 1)
-    yk = None if y is None else y.repeat_interleave(K)
-    D = denoise(net, xk + s * noise.reshape(xk.shape), s, yk, param)
-    return (loss_weight(s, param) * (D - xk) ** 2).reshape(b, -1).mean(1)
+def download(dataset, name, cache, mirrors=None):
+    """Try each mirror; keep the first copy whose checksum verifies (atomic write)."""
+    errors = []
+    for base in mirrors or MIRRORS[dataset]:
+        try:
+            with urllib.request.urlopen(base + name + ".gz", timeout=30) as r:
+                data = r.read()
+            check_idx_file(data, dataset, name)
+        except (OSError, UserError) as e:
+            errors.append(f"{base}: {e}")
+            continue
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"{name}.{os.getpid()}.part"  # one per process: torchrun ranks race here
+        tmp.write_bytes(data)
+        os.replace(tmp, cache / (name + ".gz"))
+        return data
+    raise UserError(f"could not download {name}.gz for {dataset}:\n  " + "\n  ".join(errors))
 
 
-# ----------------------------------------------------------------------------- accountant
-RDP_ORDERS = np.concatenate([np.arange(1.25, 12, 0.25), np.arange(12, 257)])
+CELEBA_TRAIN_N = 162_770  # official split: 000001.jpg ... 162770.jpg are "train" (partition 0)
+CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip ('Align&Cropped "
+               "Images') from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive link "
+               "there) and pass its path, or the unzipped img_align_celeba folder, as --data-dir.")
 
 
-def rdp_subsampled_gaussian(q, sigma, orders=RDP_ORDERS):
-    """RDP of one step of the Poisson-subsampled Gaussian mechanism (sensitivity 1, noise
-    sigma), at real orders a > 1 (Mironov, Talwar, Zhang 2019, Sec. 3.3):
-        eps(a) = log A_a / (a - 1),  A_a = E_{z ~ N(0, sigma^2)} [ (1 - q + q e^{(2z-1)/(2 sigma^2)})^a ],
-    the a-th moment of the likelihood ratio between "with" and "without" one example. We
-    integrate it on a grid, entirely in log space (A_a reaches e^1000s for large a): the
-    integrand is smooth with mass near z = 0 and z = a, and the trapezoid rule on such a
-    function is accurate far beyond float64 with step sigma/20."""
-    h = sigma / 20
-    z = np.arange(-12 * sigma, orders.max() + 12 * sigma, h)
-    log_phi = -z ** 2 / (2 * sigma ** 2) - math.log(sigma * math.sqrt(2 * math.pi)) + math.log(h)
-    with np.errstate(divide="ignore"):
-        log_ratio = np.logaddexp(np.log1p(-q), math.log(q) + (2 * z - 1) / (2 * sigma ** 2))
-    log_f = log_phi[None] + orders[:, None] * log_ratio[None]
-    m = log_f.max(1)
-    return (m + np.log(np.exp(log_f - m[:, None]).sum(1))) / (orders - 1)
+def center_crop_resize(img, resolution=32):
+    """Centre square crop, then Lanczos resize (StyleGAN's dataset_tool, used by DPDM)."""
+    a = np.asarray(img.convert("RGB"))
+    c = min(a.shape[:2])
+    top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
+    crop = Image.fromarray(a[top:top + c, left:left + c])
+    return np.asarray(crop.resize((resolution, resolution), Image.LANCZOS))
 
 
-def epsilon(q, sigma, steps, delta, orders=RDP_ORDERS):
-    """(eps, delta)-DP after `steps` compositions; RDP -> DP by Balle et al. 2020, Thm. 21:
-    eps = rdp(a) + log((a-1)/a) - (log delta + log a) / (a - 1), minimised over a."""
-    if steps == 0:
-        return 0.0
-    rdp, a = steps * rdp_subsampled_gaussian(q, sigma, orders), orders
-    return float(np.min(rdp + np.log1p(-1 / a) - (math.log(delta) + np.log(a)) / (a - 1)))
+def load_celeba(path, resolution=32):
+    """uint8 (N, 3, res, res) of the official training split from img_align_celeba.zip or its folder."""
+    path = Path(path)
+    path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
+    if path.suffix == ".zip" and path.is_file():
+        archive = zipfile.ZipFile(path)
+        names, read = {PurePath(n).name: n for n in archive.namelist()}, archive.read
+    elif path.is_dir():
+        names, read = {p.name: p for p in path.iterdir()}, Path.read_bytes
+    else:
+        raise UserError(f"no CelebA images at {path}. {CELEBA_HELP}")
+    keep = sorted(n for n in names if n.lower().endswith(".jpg") and n[:-4].isdigit()
+                  and int(n[:-4]) <= CELEBA_TRAIN_N)
+    if not keep:
+        raise UserError(f"no CelebA training images (000001.jpg ...) in {path}. {CELEBA_HELP}")
+    out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
+    for i, name in enumerate(keep):
+        out[i] = center_crop_resize(Image.open(io.BytesIO(read(names[name]))), resolution).transpose(2, 0, 1)
+        if (i + 1) % 20_000 == 0:
+            print(f"  CelebA: {i + 1}/{len(keep)} images")
+    return out
 
 
-def calibrate_sigma(eps, q, steps, delta):
-    """Smallest noise multiplier (to 1e-4 relative) with epsilon(...) <= eps: bisection that
-    always returns the upper end, so the target is never exceeded."""
-    lo, hi = 0.05, 1.0
-    while epsilon(q, hi, steps, delta) > eps:
-        lo, hi = hi, 2 * hi
-        if hi > 1e6:
-            raise UserError(f"eps = {eps} is out of reach even with enormous noise")
-    while hi / lo > 1 + 1e-4:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if epsilon(q, mid, steps, delta) <= eps else (mid, hi)
-    return hi
+def load_data(dataset, data_dir=None, unverified=False):
+    """{"train": (x, y), "test": (x, y) or None}: x float32 [n,C,H,W] in [-1, 1], y int64 (all
+    0 for the unconditional CelebA). Reads --data-dir, else the cache ./data/<dataset>,
+    downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
+    folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
+    if data_dir and not folder.exists():
+        raise UserError(f"--data-dir {folder} does not exist; " + (
+            CELEBA_HELP if dataset == "celeba" else idx_help(dataset)))
+    if dataset == "celeba":
+        x = torch.from_numpy(load_celeba(folder)) / 127.5 - 1.0
+        return {"train": (x, torch.zeros(len(x), dtype=torch.long)), "test": None}
+    if data_dir and not folder.is_dir():
+        raise UserError(f"--data-dir {folder} is a file, not a folder; {idx_help(dataset)}")
+    arrays = []
+    for name in IDX_FILES:
+        path = next((folder / f for f in (name + ".gz", name) if (folder / f).exists()), None)
+        if path is None and data_dir:
+            raise UserError(f"missing {name}(.gz) in {folder}: {idx_help(dataset)}")
+        try:
+            data = path.read_bytes() if path else download(dataset, name, folder)
+        except UserError as e:
+            raise UserError(f"{e}\n{idx_help(dataset)}")
+        arrays.append(check_idx_file(data, dataset, name, unverified and path is not None))
+    out = {}
+    for split, (xi, yi) in (("train", arrays[:2]), ("test", arrays[2:])):
+        if len(xi) != len(yi):
+            raise UserError(f"{split}: {len(xi)} images but {len(yi)} labels; {idx_help(dataset)}")
+        x = torch.from_numpy(xi.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+        out[split] = (x, torch.from_numpy(yi.astype(np.int64)))
+    return out
 
 
-def privacy_plan(cfg, n):
-    """q, total steps, noise multiplier sigma_dp; validates eps and delta."""
-    if not cfg.eps > 0:
-        raise UserError(f"--eps must be > 0 (got {cfg.eps}); DPDM uses 0.2, 1 or 10")
-    if not 0 < cfg.delta < 1 / n:
-        raise UserError(f"--delta must be in (0, 1/N) = (0, {1 / n:.3g}) for N = {n} training "
-                        f"examples (got {cfg.delta}); the usual choice is 1e-5 for MNIST")
-    batches = math.ceil(n / cfg.batch)
-    q, steps = 1 / batches, max(1, round(cfg.epochs * batches))
-    return q, steps, calibrate_sigma(cfg.eps, q, steps, cfg.delta)
+# ----------------------------------------------------------------------------- files: what may be published, what stays private
+MODEL_FILE = "model.pt"                    # releasable: config, EMA weights, privacy report
+STATE_FILE = "PRIVATE_resume_state.pt"     # for --resume only: holds the noise generator's state
+SAMPLE_FILES = ("samples.npz", "grid.png", "metrics.json")
+RUN_FILES = (MODEL_FILE, STATE_FILE) + SAMPLE_FILES
+FORMAT = 2  # of both .pt files; bumped when their layout changes
 
 
-# ----------------------------------------------------------------------------- DP-SGD
+class UserError(ValueError):
+    """Bad input: the message says what to do. main() prints it and exits with status 1."""
+
+
+def plain(cfg):
+    """A dataclass as JSON-able plain types: what torch.load(weights_only=True) can read back."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def from_plain(cls, d):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_atomic(path, obj):
+    """Temp file, then os.replace: a kill -9 mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_safely(path, device):
+    """torch.load with weights_only=True: tensors and plain types only, so a crafted pickle is
+    refused before any of its code can run. Also refuses files of other formats clearly."""
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist")
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds more than tensors and plain values: refused unread "
+                        f"(only files this script wrote are loaded). ({str(e).splitlines()[0]})")
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is truncated or not a torch file ({str(e).splitlines()[0]})")
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise UserError(f"{path} was written by an older version of this script or is not one "
+                        f"of its files: train again")
+    return obj
+
+
+def save_run(out, cfg, model, ema, opt, gen, report, train_time_s, n, run=None):
+    """At checkpoints: the private resume state, and the releasable model file beside it."""
+    rank, size = world()
+    if size > 1:  # DIST: a diverged process would be a bug; fail loudly, never silently
+        fingerprint = torch.stack([p.double().sum() for p in model.parameters()])
+        rank0 = fingerprint.clone()
+        dist.broadcast(rank0, 0)
+        if not torch.equal(fingerprint, rank0):
+            raise RuntimeError(f"rank {rank}'s model differs from rank 0's")
+    if rank > 0:
+        return
+    save_atomic(out / STATE_FILE, {
+        "format": FORMAT, "config": plain(cfg), "steps": report["steps"], "n": n,
+        "train_time_s": train_time_s, "model": model.state_dict(), "ema": ema.state_dict(),
+        "opt": opt.state_dict(), "rng": gen.get_state()})
+    save_atomic(out / MODEL_FILE, {"format": FORMAT, "config": plain(cfg), "ema": ema.state_dict(),
+                                   "privacy": report, **(run or {})})
+
+
+def load_resume_state(out, cfg, n, model, ema, opt, gen):
+    """Restore a run at its last checkpoint; returns (step, training seconds so far). Steps a
+    crash lost after that checkpoint were never released and are redone with the very same
+    randomness (the generator state is restored), so eps counts each released step once."""
+    path = out / STATE_FILE
+    if not path.exists():
+        if any((out / name).exists() for name in RUN_FILES):
+            raise UserError(f"nothing to resume: {out} holds outputs but no {STATE_FILE}. Start "
+                            f"over with --overwrite, or choose another --out.")
+        print(f"--resume: no {STATE_FILE} in {out}, starting from scratch")
+        return 0, 0.0
+    st = load_safely(path, gen.device)
+    model_fields = {f.name for f in fields(Config) if not f.metadata["runtime"]}
+    diff = {k: (st["config"].get(k), v) for k, v in plain(cfg).items()
+            if k in model_fields and st["config"].get(k) != v}
+    if diff or st["n"] != n:
+        raise UserError(f"{path} belongs to another configuration (saved vs now: "
+                        f"{diff or {'N': (st['n'], n)}}). Resume with the same flags, or start a "
+                        f"new run with another --out.")
+    model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"])
+    opt.load_state_dict(st["opt"]), gen.set_state(st["rng"].cpu())
+    return st["steps"], st["train_time_s"]
+
+
+def load_model_file(path, device):
+    """(config, EMA denoiser, privacy report, {preset, sampler}) from a releasable model file."""
+    if not path:
+        raise UserError("--sample-only and --eval-only need --ckpt PATH of a model.pt")
+    m = load_safely(Path(path), device)
+    cfg = from_plain(Config, m["config"])
+    ema = build_denoiser(cfg).to(device)
+    ema.load_state_dict(m["ema"])
+    print(f"loaded {path}: trained {m['privacy']['steps']} steps, (eps, delta) = "
+          f"({m['privacy']['eps_spent']:.4f}, {cfg.delta})")
+    return cfg, ema, m["privacy"], {k: m.get(k) for k in ("preset", "sampler")}
+
+
+def refuse_to_overwrite(out, args, names):
+    """A run never overwrites another's files unless asked (--overwrite, or --resume for the same run)."""
+    found = [n for n in names if (out / n).exists()]
+    if not found or args.resume and not (args.sample_only or args.eval_only):
+        return
+    if not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(found)}. Continue that run with --resume, "
+                        f"start over with --overwrite, or choose another --out.")
+    for name in found:
+        (out / name).unlink()
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def save_outputs(out, x, y, cfg, sc, report, times, n_train):
+    """samples.npz (x uint8, y), grid.png (one labelled row per class) and metrics.json, which
+    keeps the DP release apart from numbers computed on private data outside the mechanism."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "samples.npz", x=x, y=y)
+    save_grid(out / "grid.png", x, y, cfg.dataset)
+    metrics = {"dp_release": {**report, "config": plain(cfg)},
+               "not_covered_by_dp": {"n_train": n_train, **times},
+               "sampler": plain(sc)}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def save_grid(path, x, y, dataset, cols=10):
+    """One row per class, labelled (unconditional: the first 100 images)."""
+    from matplotlib.figure import Figure
+    names = CLASS_NAMES.get(dataset)
+    rows = [x[y == c][:cols] for c in range(10)] if names else [x[i:i + cols] for i in range(0, min(len(x), 100), cols)]
+    rows = [np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1) for r in rows if len(r)]
+    fig = Figure(figsize=(cols * 0.6 + 0.8, len(rows) * 0.6))
+    ax = fig.add_axes([0.12 if names else 0.0, 0, 0.88 if names else 1.0, 1])
+    ax.imshow(np.concatenate(rows, 0), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([x.shape[1] * (i + 0.5) for i in range(len(rows))] if names else [])
+    ax.set_yticklabels(names[:len(rows)] if names else [], fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+# ----------------------------------------------------------------------------- progress, Ctrl-C and the final summary
+class Interrupted(Exception):
+    def __init__(self, step, total, eps):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.total, self.eps = step, total, eps
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM while training: finish the current step, save it, exit with 130 and say
+    how to continue. A second Ctrl-C stops at once (the last checkpoint stays valid)."""
+    requested = False
+
+    def __enter__(self):
+        try:
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave the handlers alone
+            self.old = {}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", flush=True)
+
+    def requested_on_any_rank(self, device):
+        if world()[1] == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)  # DIST: stop together
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def continue_command(argv):
+    """The user's own command, with --resume instead of --overwrite (sampling: --overwrite)."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--overwrite")]
+    again = "--overwrite" if {"--sample-only", "--eval-only"} & set(argv) else "--resume"
+    return shlex.join(["python", Path(__file__).name, *map(str, argv), again])
+
+
+def print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_seed):
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"U-Net: {n_params:,} parameters | N = {n} | q = {q:.5g} (expected batch {q * n:.0f}) | "
+          f"{total_steps} steps | K = {cfg.K} | noise multiplier {noise_multiplier:.4f} for (eps = "
+          f"{cfg.eps}, delta = {cfg.delta})" + (f" | {world()[1]} processes" if world()[1] > 1 else ""))
+    if step:
+        print(f"resumed at step {step}: eps spent so far "
+              f"{epsilon_rdp(q, noise_multiplier, step, cfg.delta):.4f}"
+              + (" (training had finished: sampling again)" if step == total_steps else ""))
+    if insecure_seed is not None:
+        print("WARNING: --insecure-noise-seed: the DP noise is reproducible by anyone who knows the "
+              "seed. Privacy guarantee void: noise seed known (recorded in the outputs).")
+
+
+def print_rate(what, done, total, elapsed):
+    print(f"{what} {done}/{total} | {elapsed / 60:.1f} min, {elapsed / done * (total - done) / 60:.1f} "
+          f"min left", flush=True)
+
+
+def print_progress(step, total, loss, eps, eps_target, seen, elapsed, start):
+    """The loss is a statistic of private data: watch it, never publish it."""
+    left = elapsed / (step - start) * (total - step)
+    print(f"step {step:5d}/{total} | loss {loss:.4f} | eps {eps:.3f}/{eps_target} | "
+          f"{seen / elapsed:6.0f} ex/s | {elapsed / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
+
+
+def print_summary(out, args, metrics, wall_s):
+    r, t, ev = metrics["dp_release"], metrics["not_covered_by_dp"], metrics.get("evaluation", {})
+    acc = ev.get("downstream", {})
+    minutes = " + ".join(f"{k[:-7]} {t[k] / 60:.1f}" for k in ("train_time_s", "sample_time_s", "eval_time_s") if k in t)
+    print(f"\n==== summary: {r['config']['dataset']}, preset {args.preset} ====")
+    print(f"(eps, delta) = ({r['eps_spent']:.4f}, {r['delta']}) after {r['steps']}/{r['total_steps']} steps | "
+          f"noise multiplier {r['noise_multiplier']:.4f} | q {r['q']:.5g} | guarantee: {r['privacy_guarantee']}")
+    print(f"wall time {wall_s / 60:.1f} min ({minutes} min)")
+    if acc:
+        print("accuracy on the real test set, classifiers trained on samples: " + " | ".join(
+            f"{k} {v['test_acc'] * 100:.1f} %" for k, v in acc.items()))
+    if ev.get("fid") is not None:
+        print(f"FID {ev['fid']:.2f} against the {ev['fid_reference']}")
+    print("safe to publish: " + ", ".join(str(out / n) for n in (MODEL_FILE, "samples.npz", "grid.png")
+                                          if (out / n).exists()))
+    print(f"outside the guarantee (publish with care): metrics.json's not_covered_by_dp and evaluation")
+    if not (args.sample_only or args.eval_only):
+        print(f"PRIVATE, never share: {out / STATE_FILE} (the noise generator's state; --resume needs it)")
+
+
+# ----------------------------------------------------------------------------- torchrun
 def world():
     """DIST: (rank, number of processes); (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def poisson_batch(n, q, gen):
-    """Each example joins the logical batch independently with probability q (the sampling
-    the accountant assumes; a shuffled fixed-size batch would not match it)."""
-    return torch.nonzero(torch.rand(n, generator=gen, device=gen.device) < q).flatten()
+def init_distributed(args):
+    """DIST: under `torchrun --nproc_per_node=N` join the process group (NCCL on GPUs, one GPU
+    per process; gloo on CPU) and silence the other ranks' prints. Returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank()
 
 
-def clip_per_example(grads, clip):
-    """sum_i g_i min(1, C / ||g_i||): every example's flat gradient (all parameters
-    together) scaled to norm <= C, then summed; one einsum, no scaled copies. fp32."""
-    norms = torch.sqrt(sum(g.float().flatten(1).pow(2).sum(1) for g in grads.values()))
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {k: torch.einsum("b,b...->...", factor, g.float()) for k, g in grads.items()}, norms, factor
-
-
-def clipped_grad_sum(model, x, y, cfg, gen, n_classes, record=False):
-    """Sum over the logical batch of clipped per-example gradients. The batch's randomness
-    (label dropout, noise levels, noise) is drawn first, then the gradients are computed in
-    physical chunks of cfg.chunk examples so memory stays bounded: the chunk size changes
-    the speed, not the result. DIST: each of the processes computes one contiguous share
-    of the batch and the partial sums are added up (all-reduce); all of them draw all of the
-    randomness, so their generators stay identical (same next batch, same DP noise)."""
-    rank, size = world()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda   # fast net on GPU; the
-           else torch.autocast("cpu", enabled=False))                  # DP maths stays fp32
-
-    def loss_one(p, xi, yi, si, ni):  # one example: the unit DP protects
-        net = lambda *a: functional_call(model, p, a)
-        yi = None if yi is None else yi[None]
-        return diffusion_loss(net, xi[None], yi, si[None], ni[None], cfg.param)[0]
-
-    per_example_grads = vmap(grad_and_value(loss_one),
-                             in_dims=(None, 0, None if y is None else 0, 0, 0))
-    b, dev = len(x), gen.device
-    if y is not None:  # label dropout (CFG): the whole example becomes unconditional
-        y = torch.where(torch.rand(b, generator=gen, device=dev) < cfg.label_dropout, n_classes, y)
-    sigma = sample_sigma((b, cfg.K), cfg, gen)
-    noise = torch.randn((b, cfg.K, *x.shape[1:]), generator=gen, device=dev)
-    share = -(-b // size)  # DIST: ceil(b / size) examples per process
-    first, last = rank * share, min(b, (rank + 1) * share)
-    stats = {"loss": 0.0, "n": b, "norms": [], "clipped_norms": []}
-    for i in range(first, last, cfg.chunk):
-        c = slice(i, min(i + cfg.chunk, last))
-        yc = None if y is None else y[c]
-        with amp:
-            grads, losses = per_example_grads(params, x[c], yc, sigma[c], noise[c])
-        clipped_sum, norms, factor = clip_per_example(grads, cfg.clip)
-        for k in total:
-            total[k] += clipped_sum[k]
-        stats["loss"] += losses.float().sum().item()
-        stats["norms"].append(norms)
-        if record:  # measure the clipped gradients themselves, not the formula
-            stats["clipped_norms"].append(torch.sqrt(sum(
-                (factor.view(-1, *[1] * (g.dim() - 1)) * g).flatten(1).pow(2).sum(1)
-                for g in grads.values())))
-    stats = {k: torch.cat(v) if isinstance(v, list) and v else v for k, v in stats.items()}
-    if size > 1:  # DIST: every process now holds the clipped sum of the whole logical batch
-        loss = torch.tensor(stats["loss"], device=x.device)
-        for t in [*total.values(), loss]:
-            dist.all_reduce(t)
-        stats["loss"] = loss.item()
-    stats["loss"] /= max(b, 1)
-    return total, stats
-
-
-def dp_step(model, opt, x, y, cfg, noise_multiplier, expected_batch, gen, n_classes=10,
-            record=False):
-    """One DP-SGD step (DPDM Alg. 1): g = (sum_i clip(g_i) + N(0, sigma_dp^2 C^2 I)) / (qN).
-    Dividing by the *expected* batch size qN (not the realised one) keeps the sensitivity
-    of the released g at C/(qN) whatever the batch happens to be. Returns statistics with
-    the clipped sum and the noise (tests check both); record=True also measures the norm of
-    every clipped per-example gradient."""
-    total, stats = clipped_grad_sum(model, x, y, cfg, gen, n_classes, record)
-    stats["clipped_sum"], stats["noise"] = total, {}
-    for k, p in model.named_parameters():
-        # Gaussian mechanism: noise std sigma_dp * C, once per logical batch, fp32.
-        # (torch's generator is not cryptographically secure; fine for a tutorial.)
-        # DIST: all ranks hold the same sum and the same generator state, so they draw the
-        # same z and take the same step: one noisy gradient is released, as in one process.
-        z = noise_multiplier * cfg.clip * torch.randn(p.shape, generator=gen, device=gen.device)
-        p.grad = ((total[k] + z) / expected_batch).to(p.dtype)
-        stats["noise"][k] = z
-    opt.step()
-    return stats
-
-
-@torch.no_grad()
-def ema_update(ema, model, step, max_decay):
-    """EMA of the weights with warm-up decay min(ema, (1+n)/(10+n)) (DPDM config). The EMA
-    is post-processing of the private weights: it costs no privacy."""
-    decay = min(max_decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - decay)
-
-
-# ----------------------------------------------------------------------------- training
-def save_checkpoint(path, state):
-    """Write to a temp file, then os.replace: a kill -9 mid-write leaves the old one intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    """A checkpoint of this script (it holds our own pickled objects: load only your own)."""
-    ck = torch.load(path, map_location=device, weights_only=False)
-    if "summary" not in ck:
-        raise UserError(f"{path} was written by an older version of this script: train again")
-    return ck
-
-
-def train(cfg, data, out, device, resume=False):
-    """DP-SGD training; returns (ema model, summary dict). Checkpoints to out/ckpt.pt.
-    DIST (torchrun): every rank runs this same loop from the same seed. The Poisson batch,
-    the per-example noise draws and the DP noise come from generators that are identical on
-    all ranks; only the per-example gradients are split (clipped_grad_sum) and their clipped
-    sum is all-reduced. So each step releases exactly what the single-process step releases,
-    sum_i clip(g_i) + N(0, sigma^2 C^2 I) over one Poisson batch, and the accountant, the
-    model and the EMA are those of one process. Only rank 0 writes checkpoints."""
-    rank, size = world()
-    x_train, y_train = data["train"]
-    x_train, y_train = x_train.to(device), None if y_train is None else y_train.to(device)
-    n = len(x_train)
-    q, total_steps, sigma_dp = privacy_plan(cfg, n)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"U-Net: {n_params:,} parameters | N = {n} | q = {q:.5g} (expected batch {q * n:.0f}) "
-          f"| {total_steps} steps | K = {cfg.K} | sigma_dp = {sigma_dp:.4f} for "
-          f"(eps = {cfg.eps}, delta = {cfg.delta})" + (f" | {size} processes" if size > 1 else ""))
-    ckpt_path, step, spent = out / "ckpt.pt", 0, 0.0  # spent: training seconds before resume
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, device)
-        diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if k not in RUNTIME
-                and ck["config"].get(k) != (list(v) if isinstance(v, tuple) else v)}
-        if diff or ck["summary"]["n"] != n:
-            raise UserError(f"{ckpt_path} belongs to another configuration (checkpoint vs now: "
-                            f"{diff or {'N': (ck['summary']['n'], n)}}). Use the same flags to "
-                            f"resume, or another --out to start a new run.")
-        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"]), gen.set_state(ck["rng"].cpu())
-        step, spent = ck["summary"]["steps"], ck["summary"]["train_time_s"]
-        # steps a crash lost after this checkpoint were never released
-        # (no checkpoint, no output), and are redone from the saved RNG state: counting
-        # `step` covers every released step, exactly as in an uninterrupted run.
-        print(f"resumed from {ckpt_path} at step {step}: eps spent so far "
-              f"{epsilon(q, sigma_dp, step, cfg.delta):.4f}"
-              + (" (training had finished: sampling again)" if step == total_steps else ""))
-    elif resume:
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
-
-    def summary():  # what a run reports: in every checkpoint and in metrics.json
-        return {"q": q, "sigma_dp": sigma_dp, "steps": step, "total_steps": total_steps, "n": n,
-                "n_params": n_params, "train_time_s": spent + time.time() - t0,
-                "eps_spent": epsilon(q, sigma_dp, step, cfg.delta)}
-
-    def checkpoint():
-        if size > 1:  # DIST: a diverged rank would be a bug; fail loudly, never silently
-            fingerprint = torch.stack([p.double().sum() for p in model.parameters()])
-            rank0 = fingerprint.clone()
-            dist.broadcast(rank0, 0)
-            if not torch.equal(fingerprint, rank0):
-                raise RuntimeError(f"rank {rank}'s model differs from rank 0's")
-        if rank > 0:
-            return
-        save_checkpoint(ckpt_path, {
-            "config": json.loads(json.dumps(asdict(cfg))), "summary": summary(),
-            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": gen.get_state()})
-
-    t0, seen, start = time.time(), 0, step
-    while step < total_steps:
-        idx = poisson_batch(n, q, gen)
-        stats = dp_step(model, opt, x_train[idx], None if y_train is None else y_train[idx],
-                        cfg, sigma_dp, q * n, gen, model.n_classes)
-        step += 1  # the accountant counts every step that released a noisy gradient
-        ema_update(ema, model, step, cfg.ema)
-        seen += stats["n"]
-        if step % cfg.ckpt_every == 0 or step == total_steps:
-            checkpoint()
-        if step % cfg.log_every == 0 or step == total_steps:
-            el = time.time() - t0
-            left = el / (step - start) * (total_steps - step)
-            print(f"step {step:5d}/{total_steps} | loss {stats['loss']:.4f} | eps "
-                  f"{epsilon(q, sigma_dp, step, cfg.delta):.3f}/{cfg.eps} | {seen / el:6.0f} ex/s"
-                  f" | {el / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
-    # (the printed loss is a statistic of private data outside the DP guarantee: monitor
-    #  it, do not publish it; nothing of it goes into metrics.json)
-    return ema, summary()
-
-
-# ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def edm_sampler(net, y, cfg, gen, shape, param="edm"):
-    """EDM Alg. 2. Noise levels t_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
-    t_n = 0. churn: before each step raise the noise from t to t(1+gamma), gamma =
-    min(S_churn/n, sqrt2 - 1) for t in [S_min, S_max], then a Heun step; heun: gamma = 0;
-    ddim: gamma = 0 and Euler steps (DDIM is Euler on the probability-flow ODE)."""
-    null = None if y is None else torch.full_like(y, net.n_classes)
-
-    def D(x, t):
-        s = torch.full((len(x), 1, 1, 1), float(t), device=x.device)
-        d = denoise(net, x, s, y, param)
-        if cfg.guidance and y is not None:  # classifier-free guidance
-            d = (1 + cfg.guidance) * d - cfg.guidance * denoise(net, x, s, null, param)
-        return d
-
-    n, r = cfg.sample_steps, 1 / cfg.rho
-    i = torch.arange(n, dtype=torch.float64)
-    ts = (cfg.sigma_max ** r + i / max(n - 1, 1) * (cfg.sigma_min ** r - cfg.sigma_max ** r)) ** cfg.rho
-    ts = torch.cat([ts, torch.zeros(1, dtype=torch.float64)]).tolist()
-    x = ts[0] * torch.randn(shape, generator=gen, device=gen.device)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        gamma = (min(cfg.s_churn / n, math.sqrt(2) - 1)
-                 if cfg.sampler == "churn" and cfg.s_min <= t <= cfg.s_max else 0.0)
-        t_hat = t * (1 + gamma)
-        if gamma > 0:
-            x = x + math.sqrt(t_hat ** 2 - t ** 2) * cfg.s_noise * torch.randn(
-                shape, generator=gen, device=gen.device)
-        d = (x - D(x, t_hat)) / t_hat
-        x_next = x + (t_next - t_hat) * d
-        if cfg.sampler != "ddim" and t_next > 0:  # Heun's 2nd-order correction
-            x_next = x + (t_next - t_hat) * (d + (x_next - D(x_next, t_next)) / t_next) / 2
-        x = x_next
-    return x.clamp(-1, 1)
-
-
-def generate(net, cfg, num, device, batch=1000, seed=1):
-    """Class-balanced samples, labels 0,1,..,9,0,1,.. (unconditional if net.n_classes = 0)
-    -> uint8 images [num, H, W] (grayscale) or [num, H, W, 3], and the labels."""
-    gen = torch.Generator(device).manual_seed(seed)
-    labels = torch.arange(num, device=device) % max(net.n_classes, 1)
-    xs, t0 = [], time.time()
-    for i in range(0, num, batch):
-        y = labels[i:i + batch]
-        shape = (len(y), *net.img_shape)
-        xs.append(edm_sampler(net, y if net.n_classes else None, cfg, gen, shape, cfg.param).cpu())
-        done, el = i + len(y), time.time() - t0
-        if done < num:
-            print(f"  {done}/{num} samples | {el / 60:.1f} min, {el / done * (num - done) / 60:.1f} "
-                  f"min left", flush=True)
-    x = torch.cat(xs).permute(0, 2, 3, 1)
-    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return (x[..., 0] if x.shape[-1] == 1 else x), labels.cpu().numpy()
-
-
-def save_outputs(out, x, y, cfg, summary, n_classes=10, cols=10):
-    """grid.png (row c = class c; unconditional: the first 100), samples.npz (x uint8
-    [n,H,W] or [n,H,W,3], y), metrics.json."""
-    rows = ([x[y == c][:cols] for c in range(n_classes)] if n_classes else
-            [x[i:i + cols] for i in range(0, min(len(x), cols * cols), cols)])
-    grid = np.concatenate([np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1)
-                           for r in rows], 0)
-    out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out / "grid.png")
-    np.savez_compressed(out / "samples.npz", x=x, y=y)
-    metrics = {"config": asdict(cfg), "delta": cfg.delta, "eps_target": cfg.eps, **summary,
-               "accountant": "RDP of the Poisson-subsampled Gaussian, orders 1.25-11.75 "
-                             "(step 0.25) and 12-256, Balle et al. 2020 conversion",
-               "num_samples": len(x)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'grid.png'}, {out / 'samples.npz'} ({len(x)} samples), "
-          f"{out / 'metrics.json'}")
-
-
-# ----------------------------------------------------------------------------- evaluation
-# The paper's two yardsticks (DPDM Sec. 5): FID, and the accuracy on real test data of
-# classifiers trained only on generated data.
-# ---- FID: Frechet distance between Gaussians fitted to Inception-v3 pool features -------
-# FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})          (Heusel et al. 2017, eq. 6)
-# Features: the TF Inception graph `inception-2015-12-05` in NVIDIA's TorchScript port
-# (StyleGAN2-ADA metrics; DPDM/EDM load NVIDIA's Python pickle of the same port, which has no
-# published hash and runs code when unpickled). Input: NCHW uint8 RGB of any size, resized to
-# 299x299 inside. sha256 as pinned by crowsonkb/k-diffusion (k_diffusion/evaluation.py).
+# ----------------------------------------------------------------------------- evaluation: FID and classifiers trained on samples (DPDM Sec. 5)
+# FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) of Inception-v3 pool features (Heusel et
+# al. 2017): the TF graph `inception-2015-12-05` in NVIDIA's TorchScript port (StyleGAN2-ADA
+# metrics; DPDM loads a pickle of the same port, which runs code when unpickled). sha256 as
+# pinned by crowsonkb/k-diffusion (k_diffusion/evaluation.py).
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
                  "metrics/inception-2015-12-05.pt")
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpdm"
-FID_NUM_SAMPLES = 60_000  # generated samples per FID (= size of the MNIST reference set)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), in float64 without scipy.
-    tr (S1 S2)^{1/2} = tr (S1^{1/2} S2 S1^{1/2})^{1/2}: both matrices have the same
-    eigenvalues, and the second is symmetric PSD, so `eigh` applies twice."""
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), in float64 without scipy:
+    tr (S1 S2)^{1/2} = tr (S1^{1/2} S2 S1^{1/2})^{1/2} (same eigenvalues; the second matrix is
+    symmetric PSD, so `eigh` applies twice)."""
     mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh((s1 + s1.T) / 2)
     sqrt_s1 = (v * w.clamp(min=0).sqrt()) @ v.T
@@ -852,8 +1153,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def load_inception(cache_dir=None, device="cpu", url=None, sha256=None):
-    """Download once to `cache_dir`, check the sha256 of the bytes, and only then load those
-    same bytes (TorchScript). A file with another hash is refused before anything parses it."""
+    """Download once to `cache_dir`, check the sha256 of the bytes, and only then load them."""
     url, sha256 = url or INCEPTION_URL, sha256 or INCEPTION_SHA256
     path = Path(cache_dir or INCEPTION_CACHE) / "inception-2015-12-05.pt"
     how = (f"FID needs the Inception-v3 network file (95.6 MB): download\n  {url}\non a machine "
@@ -888,19 +1188,17 @@ def inception_features(detector, images, batch_size=250, device="cpu"):
     feats = []
     for i in range(0, len(x), batch_size):
         b = x[i:i + batch_size].to(device)
-        b = b.repeat(1, 3, 1, 1) if b.shape[1] == 1 else b  # grayscale -> RGB
-        feats.append(detector(b, return_features=True).double().cpu())
+        feats.append(detector(b.repeat(1, 3 // b.shape[1], 1, 1), return_features=True).double().cpu())
     return torch.cat(feats).numpy()
 
 
 def feature_stats(images, detector=None, **kw):
-    """(mu, sigma) of the Inception features of uint8 images (loads the network if not given)."""
     feats = inception_features(load_inception() if detector is None else detector, images, **kw)
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
 def reference_stats(real_images, cache_file, detector=None, **kw):
-    """mu, sigma of the real training set, computed once and cached as .npz."""
+    """mu, sigma of a real image set, computed once and cached as .npz."""
     cache_file = Path(cache_file)
     if cache_file.exists():
         s = np.load(cache_file)
@@ -916,7 +1214,6 @@ def compute_fid(samples_uint8, ref_stats, detector=None, **kw):
     return frechet_distance(*feature_stats(samples_uint8, detector, **kw), *ref_stats)
 
 
-# ---- Downstream utility: train on generated data, select on generated data, test on real -
 CLASSIFIERS = ("logreg", "mlp", "cnn")
 
 
@@ -936,12 +1233,11 @@ def make_classifier(arch):
     raise ValueError(f"unknown classifier {arch!r}; choose one of {CLASSIFIERS}")
 
 
-def _as_inputs(x, y):
+def as_inputs(x, y):
     """uint8 images in [0, 255] -> float in [-1, 1], shape (N, 1, 28, 28); labels -> int64."""
     x = torch.as_tensor(np.asarray(x))
     x = (x.float() / 127.5 - 1) if x.dtype == torch.uint8 else x.float()
-    x = x.reshape(len(x), 1, 28, 28)
-    y = torch.as_tensor(np.asarray(y)).long()
+    x, y = x.reshape(len(x), 1, 28, 28), torch.as_tensor(np.asarray(y)).long()
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as images (got {len(x)} images, {len(y)} labels)")
     return x, y
@@ -949,20 +1245,20 @@ def _as_inputs(x, y):
 
 @torch.no_grad()
 def accuracy(model, x, y, batch_size=1000):
-    x, y = _as_inputs(x, y)
+    x, y = as_inputs(x, y)
     model.eval()
     correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
                   for i in range(0, len(x), batch_size))
     return correct / len(x)
 
 
-def train_classifier(arch, x_train, y_train, x_val, y_val, epochs, batch_size=128, lr=3e-4, seed=0, log=print):
-    """Adam on (x_train, y_train); after every epoch, validation accuracy on (x_val, y_val);
-    returns the model at its best validation epoch. No test data can enter this function."""
+def train_classifier(arch, x_train, y_train, x_val, y_val, epochs, batch_size=128, lr=3e-4, seed=0):
+    """Adam on (x_train, y_train); after every epoch, accuracy on (x_val, y_val); returns the
+    model at its best validation epoch. No test data can enter this function."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
-    x, y = _as_inputs(x_train, y_train)
+    x, y = as_inputs(x_train, y_train)
     model, gen = make_classifier(arch), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best = dict(epoch=0, val_acc=-1.0, curve=[])
@@ -977,7 +1273,6 @@ def train_classifier(arch, x_train, y_train, x_val, y_val, epochs, batch_size=12
         best["curve"].append(val_acc)
         if val_acc > best["val_acc"]:
             best.update(epoch=epoch, val_acc=val_acc, state={k: v.clone() for k, v in model.state_dict().items()})
-        log(f"  {arch:6s} epoch {epoch:3d}/{epochs}  loss {loss.item():.3f}  val acc {val_acc:.4f}")
     model.load_state_dict(best.pop("state"))
     return model.eval(), best
 
@@ -990,112 +1285,134 @@ def split_generated(x, y, val_fraction=0.1, seed=0):
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 
-def evaluate_downstream(gen_x, gen_y, test_x, test_y, epochs, archs=CLASSIFIERS, val_fraction=0.1, seed=0,
-                        log=print, **train_kw):
-    """Accuracy on the real test set of each classifier trained on generated samples. The
-    epoch is chosen on held-out generated data; the test set is read once, afterwards.
-    `epochs`: an int, or a dict {arch: epochs}; `train_kw` (batch_size, lr) go to train_classifier."""
-    x_tr, y_tr, x_val, y_val = split_generated(gen_x, gen_y, val_fraction, seed)
+def evaluate_downstream(train_xy, val_xy, test_xy, epochs, archs=CLASSIFIERS, seed=0, **train_kw):
+    """Accuracy on the real test set of each classifier trained on generated samples, at the
+    epoch chosen on other generated samples; the test set is read once, afterwards. One line
+    per classifier. `epochs`: an int or {arch: epochs}."""
     results = {}
     for arch in archs:
-        t0 = time.time()
-        n = epochs[arch] if isinstance(epochs, dict) else epochs
-        model, sel = train_classifier(arch, x_tr, y_tr, x_val, y_val, n, seed=seed, log=log, **train_kw)
-        results[arch] = dict(test_acc=accuracy(model, test_x, test_y), best_epoch=sel["epoch"],
+        t0, n = time.time(), epochs[arch] if isinstance(epochs, dict) else epochs
+        model, sel = train_classifier(arch, *train_xy, *val_xy, n, seed=seed, **train_kw)
+        results[arch] = dict(test_acc=accuracy(model, *test_xy), best_epoch=sel["epoch"],
                              val_acc=sel["val_acc"], epochs=n, seconds=round(time.time() - t0, 1))
-        log(f"{arch}: test accuracy {results[arch]['test_acc']:.4f} (epoch {sel['epoch']} chosen on the held-out split)")
+        print(f"  {arch:6s}: test accuracy {results[arch]['test_acc'] * 100:.1f} % (epoch {sel['epoch']}/{n} "
+              f"chosen on generated data, {time.time() - t0:.0f} s)", flush=True)
     return results
 
 
-EVAL_EPOCHS = {"cpu": {"logreg": 30, "mlp": 30, "cnn": 10}, "smoke": 1}  # others: 50 (DPDM)
-
-
-def evaluate(out, x, y, data, cfg, args):
-    """Downstream accuracies (and FID with --fid) of the samples x, y; added to metrics.json
-    together with the sampler settings that produced them."""
-    epochs = args.eval_epochs or EVAL_EPOCHS.get(args.preset, 50)
-    ev = {"sampler_setting": args.sampler_setting, "num_samples": len(x),
-          "sampler": {k: getattr(cfg, k) for k in SAMPLER_SETTINGS["fid"]}}
+def evaluate(ema, x, y, data, cfg, sc, args):
+    """The paper's yardsticks for samples (x, y): classifiers (epoch chosen on a second generated
+    set, or on a held-out tenth of this one) and, with --fid, FID against the training set (as
+    DPDM) or the test set. Both read data outside the DP mechanism: the results are labelled."""
+    preset, ev = PRESETS[args.preset], {"sampler": plain(sc)}
     if data["test"] is not None:
-        ev["downstream"] = evaluate_downstream(x, y, *data["test"], epochs=epochs)
+        epochs = args.eval_epochs or preset.eval_epochs
+        if preset.val_samples:
+            print(f"sampling a second set of {preset.val_samples} images to choose the epochs ...")
+            val = generate(ema, sc, preset.val_samples, args.device, cfg.seed + 1)
+            train_xy, how = (x, y), f"a second generated set of {preset.val_samples}"
+        else:
+            *train_xy, vx, vy = split_generated(x, y, seed=cfg.seed)
+            val, how = (vx, vy), "a held-out tenth of the samples"
+        print(f"classifiers on {len(train_xy[0])} samples, epochs {epochs}, chosen on {how} ...")
+        ev["downstream"] = evaluate_downstream(train_xy, val, data["test"], epochs, seed=cfg.seed)
+        ev["downstream_protocol"] = f"trained on {len(train_xy[0])} samples; epoch chosen on {how}"
     elif not args.fid:
-        print("CelebA has no labels for downstream classifiers: add --fid for its FID")
+        print("no labels (CelebA), hence no classifiers: add --fid for its FID")
+    if args.fid and data[args.fid_ref] is None:
+        raise UserError(f"{cfg.dataset} has no {args.fid_ref} split: use --fid-ref train")
     if args.fid:
+        ref_name = "training set (private data, outside the DP guarantee)" if args.fid_ref == "train" else "test set"
         try:
             detector = load_inception(device=args.device)
-            real = ((data["train"][0] + 1) * 127.5).round().to(torch.uint8).numpy()
-            ref = reference_stats(real, INCEPTION_CACHE / f"{cfg.dataset}_train_inception.npz",
+            real = ((data[args.fid_ref][0] + 1) * 127.5).round().to(torch.uint8).numpy()
+            ref = reference_stats(real, INCEPTION_CACHE / f"{cfg.dataset}_{args.fid_ref}_inception.npz",
                                   detector, device=args.device)
-            fake = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
-            ev["fid"] = compute_fid(fake, ref, detector, device=args.device)
-            print(f"FID ({len(x)} samples vs the training set): {ev['fid']:.2f}")
+            ev["fid"] = compute_fid(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2), ref,
+                                    detector, device=args.device)
         except RuntimeError as err:  # offline: keep the accuracies, say why FID is missing
             print(f"FID skipped: {err}")
             ev["fid"], ev["fid_error"] = None, str(err)
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["eval"] = ev
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        ev["fid_reference"] = ref_name
+    return ev
 
 
-# ----------------------------------------------------------------------------- main
-def init_distributed(args):
-    """DIST: under `torchrun --nproc_per_node=N` join the process group (NCCL on GPUs, one GPU
-    per process; gloo on CPU) and silence the other ranks' prints. Returns the rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if dist.get_rank() > 0:
-        sys.stdout = open(os.devnull, "w")
-    return dist.get_rank()
+# ----------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that says what to do, not the whole usage block
+        self.exit(2, f"error: {message}. See: python {Path(__file__).name} --help\n")
 
 
-def main(argv=None):
-    args, cfg = parse_args(argv)
-    rank = init_distributed(args)
-    torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):  # TF32 for the network; DP maths is explicit fp32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(args.out)
-    try:
-        if args.sample_only or args.eval_only:
-            if not args.ckpt or not Path(args.ckpt).exists():
-                raise UserError(f"--sample-only and --eval-only need --ckpt PATH of an "
-                                f"existing checkpoint (got {args.ckpt})")
-            ck = load_checkpoint(args.ckpt, args.device)
-            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"].items()}
-            overrides = {k: getattr(cfg, k) for k in RUNTIME if getattr(args, k) is not None}
-            cfg = Config(**{**saved, **overrides})
-            ema = build_model(cfg).to(args.device)
-            ema.load_state_dict(ck["ema"])
-            summary = ck["summary"]
-            # read the data before sampling: an evaluation must not fail after hours of it
-            data = load_data(cfg.dataset, args.data_dir, args.unverified) if args.eval else None
-        else:
-            print(f"preset '{args.preset}' ({EXPECTED_TIME[args.preset]}). DPDM's own "
-                  f"configuration: --preset paper")
-            data = load_data(cfg.dataset, args.data_dir, args.unverified)
-            ema, summary = train(cfg, data, out, args.device, args.resume)
-        if dist.is_initialized():  # DIST: sampling, outputs and evaluation are rank 0's
-            dist.destroy_process_group()
-            if rank > 0:
-                return
-        if args.sampler_setting:
-            cfg = dataclasses.replace(cfg, **SAMPLER_SETTINGS[args.sampler_setting])
-        print(f"sampling {cfg.num_samples} images ({cfg.sampler}, {cfg.sample_steps} steps, "
-              f"guidance {cfg.guidance}) ...")
-        t0 = time.time()
-        x, y = generate(ema.eval(), cfg, cfg.num_samples, args.device)
-        summary["sample_time_s"] = time.time() - t0
-        save_outputs(out, x, y, cfg, summary, ema.n_classes)
-        print(f"(eps, delta) = ({summary['eps_spent']:.4f}, {cfg.delta}) after "
-              f"{summary['steps']} steps; sigma_dp = {summary['sigma_dp']:.4f}, q = {summary['q']:.5g}")
-        if args.eval:
-            evaluate(out, x, y, data, cfg, args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), type=str.lower,
+                   help="default: gpu on CUDA, else cpu (see PRESETS in the code and the README)")
+    p.add_argument("--out", help="output folder; default out/04_dpdm_mnist, or with --sample-only "
+                                 "/ --eval-only the folder 'resampled' beside --ckpt")
+    p.add_argument("--data-dir", help="folder with the four IDX files (.gz or raw); CelebA: its zip")
+    p.add_argument("--unverified", action="store_true",
+                   help="accept IDX files that do not match the published checksums (your own data)")
+    p.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {STATE_FILE}")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--eval-only", action="store_true", help="sample from --ckpt and evaluate")
+    p.add_argument("--ckpt", help=f"the {MODEL_FILE} for --sample-only / --eval-only")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="classifiers (and FID with --fid) after sampling; default on, except smoke")
+    p.add_argument("--fid", action="store_true", help="also FID (downloads Inception once; GPU advised)")
+    p.add_argument("--fid-ref", choices=("train", "test"), default="train",
+                   help="FID against the training set (DPDM; private data) or the test set")
+    p.add_argument("--eval-epochs", type=int, help="classifier epochs (default: the preset's)")
+    p.add_argument("--sampler-setting", choices=("fid", "acc"),
+                   help="the paper's sampler setting for the run's dataset and eps (Table 1's rows)")
+    p.add_argument("--insecure-noise-seed", type=int,
+                   help="reproducible DP noise for tests and debugging: VOIDS the privacy guarantee")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is often fastest on a busy CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for f in fields(Config) + fields(SamplerConfig):  # every field is a flag: --batch 512 --mults 1,2
+        kind = int if f.type is tuple else (str.lower if f.type is str else f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"],
+                       choices=f.metadata.get("choices"), metavar=f.name.upper(),
+                       type=(lambda s, k=kind: tuple(k(v) for v in s.split(","))) if f.type is tuple else kind)
+    args = p.parse_args(argv)
+    from_model = args.sample_only or args.eval_only
+    args.preset = args.preset or (None if from_model else "gpu" if args.device.startswith("cuda") else "cpu")
+    args.eval = (not args.sample_only and args.preset != "smoke") if args.eval is None else args.eval
+    args.eval = args.eval or args.eval_only
+    args.out = args.out or (str(Path(args.ckpt or ".").parent / "resampled") if from_model
+                            else "out/04_dpdm_mnist")
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    per_dataset = DATASETS[given.get("dataset", "mnist")].paper if args.preset in ("paper", "gpu") else {}
+    cfg = Config(**{**PRESETS[args.preset or "cpu"].train, **per_dataset, **given})
+    check_config(p, cfg)
+    return args, cfg, None if from_model else sampler_config(args, cfg)
+
+
+def sampler_config(args, cfg, saved=None):
+    """The preset's sampler (from a model file: the one its run used) or the paper's named
+    setting for cfg's dataset and eps, then the sampler flags."""
+    preset = PRESETS[args.preset]
+    setting = args.sampler_setting or (preset.sampler if isinstance(preset.sampler, str) and not saved else None)
+    base, note = paper_sampler(cfg.dataset, cfg.eps, setting) if setting else (saved or preset.sampler, "")
+    if setting:
+        print(f"sampler: the paper's '{setting}' setting for {cfg.dataset}{note}")
+    given = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
+    extra = {"num_samples": 60_000} if args.preset == "paper" and not saved else {}
+    return SamplerConfig(**{**base, **extra, **given})
+
+
+def sampler_text(sc):
+    churn = f", S_churn {sc.s_churn}, S_min {sc.s_min}, S_max {sc.s_max}" if sc.sampler == "churn" else ""
+    return f"{sc.sampler}, {sc.sample_steps} steps{churn}, guidance {sc.guidance}"
+
+
+def check_config(p, cfg):
+    """Values no run can use: one line each, before anything starts."""
+    for name, ok in (("clip", math.isfinite(cfg.clip) and cfg.clip > 0), ("batch", cfg.batch > 0),
+                     ("K", cfg.K > 0), ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0),
+                     ("lr", math.isfinite(cfg.lr) and cfg.lr > 0), ("chunk", cfg.chunk > 0)):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0 (got {getattr(cfg, name)})")
 
 
 if __name__ == "__main__":
