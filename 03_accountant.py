@@ -425,11 +425,11 @@ def eps_lower_bound(m, r, v, delta, significance=0.05):
     return lo
 
 
-def audit_one_run(scores, included, k, delta, rng):
+def audit_one_run(scores, included, k, delta, rng, significance=0.05):
     """Guess "in" for the k top scores, "out" for the k bottom ones (ties broken at random)."""
     order = np.lexsort((rng.random(scores.size), scores))
     correct = included[order[-k:]].sum() + (~included[order[:k]]).sum()
-    return eps_lower_bound(scores.size, 2 * k, int(correct), delta)
+    return eps_lower_bound(scores.size, 2 * k, int(correct), delta, significance)
 
 
 def simulate_dirac_canaries(m, q, steps, noise_multiplier, rng, breakage=None):

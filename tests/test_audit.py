@@ -8,7 +8,7 @@ a bias-free linear layer w -> w . x with loss -G w . x: its per-example gradient
 SGD (lr 1) from w = 0, w_i = (C * #times sampled * [i in] + noise) / (qN): the score of canary i
 is the released parameter w_i (for the seed-known attack, w_i minus the replayed noise).
 We guess "in" for the K top and "out" for the K bottom scores (K fixed in advance) and turn the
-number of right guesses into a lower bound eps_LB (03's `eps_lower_bound`).
+number of right guesses into a lower bound eps_LB (03's `audit_one_run`).
 
 Error rates. A correct mechanism that is (eps, delta)-DP gives eps_LB > eps with probability at
 most the significance ALPHA = 1e-3 (Steinke et al. 2023, Sec. 5): that bounds the false-alarm
@@ -19,8 +19,6 @@ gave eps_LB >= 3.07 and a known seed always 3.57, so the `> claimed` assertions 
 probability < 1.5e-3 (95% upper bound from 0 failures in 2,000), skipped clipping (signal 100 x
 larger than the calibrated C) even less. Each test takes a few seconds.
 """
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -61,9 +59,7 @@ def audit(script, accountant, replay=False):
     if replay:
         guess = script.secret_generator(insecure_seed=KNOWN_SEED)
         scores = scores - train_on_canaries(script, torch.zeros_like(data), noise_multiplier, guess)
-    order = np.lexsort((rng.random(M), scores))  # ties (e.g. exact zeros) broken at random
-    correct = int(included[order[-K:]].sum() + (~included[order[:K]]).sum())
-    return accountant.eps_lower_bound(M, 2 * K, correct, DELTA, ALPHA), claimed
+    return accountant.audit_one_run(scores, included, K, DELTA, rng, ALPHA), claimed
 
 
 def break_clipping(monkeypatch, script):
