@@ -564,11 +564,12 @@ def generate(denoiser, sc, num, device, seed, batch=1000):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args, cfg, sc = parse_args(argv)
-    rank = init_distributed(args)
-    torch.set_num_threads(args.threads)
-    out, t_start = Path(args.out), time.time()
+    out, t_start = None, time.time()
     try:
+        args, cfg, sc = parse_args(argv)
+        rank = init_distributed(args)
+        torch.set_num_threads(args.threads)
+        out = Path(args.out)
         if args.sample_only or args.eval_only:  # from a releasable model file
             refuse_to_overwrite(out, args, SAMPLE_FILES)
             cfg, ema, report, saved = load_model_file(args.ckpt, args.device)
@@ -901,6 +902,10 @@ def save_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def first_line(err):
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def load_safely(path, device):
     """torch.load with weights_only=True: tensors and plain types only, so a crafted pickle is
     refused before any of its code can run. Also refuses files of other formats clearly."""
@@ -910,9 +915,9 @@ def load_safely(path, device):
         raise UserError(f"{path} does not exist")
     except pickle.UnpicklingError as e:
         raise UserError(f"{path} holds more than tensors and plain values: refused unread "
-                        f"(only files this script wrote are loaded). ({str(e).splitlines()[0]})")
+                        f"(only files this script wrote are loaded). ({first_line(e)})")
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is truncated or not a torch file ({str(e).splitlines()[0]})")
+        raise UserError(f"{path} is truncated or not a torch file ({first_line(e)})")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} was written by an older version of this script or is not one "
                         f"of its files: train again")
@@ -1392,9 +1397,11 @@ def sampler_config(args, cfg, saved=None):
     """The preset's sampler (from a model file: the one its run used) or the paper's named
     setting for cfg's dataset and eps, then the sampler flags."""
     preset = PRESETS[args.preset]
-    setting = args.sampler_setting or (preset.sampler if isinstance(preset.sampler, str) and not saved else None)
-    base, note = paper_sampler(cfg.dataset, cfg.eps, setting) if setting else (saved or preset.sampler, "")
+    named = preset.sampler if isinstance(preset.sampler, str) else None  # CelebA has none:
+    setting = args.sampler_setting or (named if not saved and cfg.dataset in CLASS_NAMES else None)
+    base = saved or ({} if named else preset.sampler)  # then DPDM's default, DDIM with 50 steps
     if setting:
+        base, note = paper_sampler(cfg.dataset, cfg.eps, setting)
         print(f"sampler: the paper's '{setting}' setting for {cfg.dataset}{note}")
     given = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
     extra = {"num_samples": 60_000} if args.preset == "paper" and not saved else {}

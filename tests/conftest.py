@@ -60,3 +60,31 @@ def accountant():
 @pytest.fixture(scope="session")
 def dpdm():
     return load_script("04_dpdm_mnist")
+
+
+# ---- tiny data for chapter 04 (the tests never read the real MNIST) ----------------------------
+def write_idx(path, arr, gz=True):
+    """An IDX file (the MNIST format): magic 0x0000 0x08 <ndim>, big-endian sizes, uint8 data."""
+    import gzip
+    import numpy as np
+    arr = np.asarray(arr, np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    raw = header + arr.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return raw
+
+
+def tiny_mnist(folder, n_train=96, n_test=20, seed=0, gz=True):
+    """Four IDX files of 'digits' whose class is the position of a bright bar; the labels of
+    the training set are written raw (uncompressed) to exercise both kinds of file."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 4 + 2 * c:10 + 2 * c, 6:22] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte{'.gz' if gz else ''}", x, gz=gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", y, gz=False)
+    return folder

@@ -1,11 +1,13 @@
-"""Tests for 04_dpdm_mnist.py: end to end on a tiny IDX dataset written here, the privacy
-invariants (clip bound, noise scale, Poisson sampling, eps covers every step, also after a
-resume and after kill -9), the accountant against published values, and bad input."""
+"""Tests for 04_dpdm_mnist.py: end to end on tiny IDX data written here; the privacy
+invariants as security properties (clip bound, noise scale, Poisson sampling, secret noise,
+what is released, eps covers every step also after a resume, Ctrl-C or kill -9); the
+accountant against published values; DPDM's samplers; bad input."""
 import gzip
 import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,113 +17,187 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, tiny_mnist, write_idx
 
 m = load_script("04_dpdm_mnist")
-N_TRAIN, N_TEST = 96, 20
-
-
-def write_idx(path, arr, gz=True):
-    arr = np.asarray(arr, np.uint8)
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    raw = header + arr.tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-    return raw
-
-
-def tiny_mnist(folder, seed=0):
-    """Four IDX files of random 'digits' (blobs whose position encodes the class)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
-        y = np.arange(n) % 10
-        x = rng.integers(0, 40, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 4 + 2 * c:10 + 2 * c, 6:22] = 255
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", x)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", y, gz=False)  # raw works too
-    return folder
+N_TRAIN = 96
+SMOKE_STEPS = 2 * math.ceil(N_TRAIN / 32)  # smoke preset: 2 epochs at q = 1/3
 
 
 def run_main(*argv):
     m.main([str(a) for a in argv])
 
 
+def smoke(data, out, *more):
+    run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", out, *more)
+
+
+def metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One smoke-preset run, shared by the tests that only read its outputs."""
+    """One smoke-preset run (default: secret noise), shared by tests that only read it."""
     base = tmp_path_factory.mktemp("smoke")
     data, out = tiny_mnist(base / "data"), base / "out"
-    run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", out)
+    smoke(data, out)
     return data, out
+
+
+def copy_run(src, dst, names=("model.pt", m.STATE_FILE, "metrics.json")):
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
 
 
 # --------------------------------------------------------------------------- end to end
 def test_smoke_end_to_end_writes_every_output(smoke_run):
     _, out = smoke_run
-    for name in ("grid.png", "samples.npz", "ckpt.pt", "metrics.json"):
+    for name in m.RUN_FILES:
         assert (out / name).stat().st_size > 0, name
     s = np.load(out / "samples.npz")
-    cfg = m.Config(**m.PRESETS["smoke"])
-    assert s["x"].dtype == np.uint8 and s["x"].shape == (cfg.num_samples, 28, 28)
-    assert np.bincount(s["y"], minlength=10).tolist() == [cfg.num_samples // 10] * 10
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("config", "q", "sigma_dp", "steps", "delta", "eps_spent", "eps_target"):
-        assert key in metrics, key
-    assert metrics["config"]["batch"] == cfg.batch and metrics["n"] == N_TRAIN
+    assert s["x"].dtype == np.uint8 and s["x"].shape == (20, 28, 28)
+    assert np.bincount(s["y"], minlength=10).tolist() == [2] * 10
+    mt = metrics(out)
+    for key in ("eps_spent", "delta", "noise_multiplier", "q", "steps", "config", "privacy_guarantee"):
+        assert key in mt["dp_release"], key
+    assert mt["dp_release"]["privacy_guarantee"] == "valid"
+    assert mt["not_covered_by_dp"]["n_train"] == N_TRAIN and "n_train" not in mt["dp_release"]
 
 
-def test_sample_only_regenerates_from_checkpoint(smoke_run, tmp_path):
+def test_sample_only_reads_the_releasable_model_and_never_overwrites(smoke_run, tmp_path):
     _, out = smoke_run
-    run_main("--sample-only", "--ckpt", out / "ckpt.pt", "--num-samples", 30, "--out", tmp_path)
-    assert np.load(tmp_path / "samples.npz")["x"].shape == (30, 28, 28)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["eps_spent"] == json.loads((out / "metrics.json").read_text())["eps_spent"]
-
-
-
-def test_sampling_from_a_checkpoint_never_overwrites_the_training_run(smoke_run, tmp_path):
-    data, out = smoke_run
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for name in ("ckpt.pt", "metrics.json"):
-        (run_dir / name).write_bytes((out / name).read_bytes())
-    before = (run_dir / "metrics.json").read_text()
-    run_main("--sample-only", "--ckpt", run_dir / "ckpt.pt", "--num-samples", 10)
-    assert (run_dir / "resampled" / "samples.npz").exists()
-    assert (run_dir / "metrics.json").read_text() == before
+    run = copy_run(out, tmp_path / "run")
+    before = (run / "metrics.json").read_text()
+    run_main("--sample-only", "--ckpt", run / "model.pt", "--num-samples", 10)
+    assert np.load(run / "resampled" / "samples.npz")["x"].shape == (10, 28, 28)
+    assert (run / "metrics.json").read_text() == before
+    assert metrics(run / "resampled")["dp_release"]["eps_spent"] == json.loads(before)["dp_release"]["eps_spent"]
+    with pytest.raises(SystemExit, match="already holds samples.npz.*--overwrite"):  # a second time
+        run_main("--sample-only", "--ckpt", run / "model.pt", "--num-samples", 10)
     # --eval-only reads the test data before it samples: a missing file fails at once
-    with pytest.raises(SystemExit, match="missing"):
-        run_main("--eval-only", "--ckpt", run_dir / "ckpt.pt", "--data-dir", tmp_path / "none",
-                 "--out", tmp_path / "ev")
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_main("--eval-only", "--ckpt", run / "model.pt", "--data-dir", tmp_path / "none", "--out", tmp_path / "ev")
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_rerun_refuses_to_overwrite_a_run_and_changes_nothing(smoke_run, tmp_path):
+    data, out = smoke_run
+    run = copy_run(out, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(SystemExit, match=r"already holds model.pt.*--resume.*--overwrite.*--out"):
+        smoke(data, run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    smoke(data, run, "--overwrite")  # asked for: starts over
+    assert (run / "model.pt").read_bytes() != before["model.pt"]
 
 
 def test_resuming_a_finished_run_keeps_its_training_time(smoke_run, tmp_path):
     data, out = smoke_run
-    for name in ("ckpt.pt", "metrics.json"):
-        (tmp_path / name).write_bytes((out / name).read_bytes())
-    first = json.loads((out / "metrics.json").read_text())
-    run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", tmp_path, "--resume")
-    again = json.loads((tmp_path / "metrics.json").read_text())
-    assert again["steps"] == first["steps"] and again["eps_spent"] == first["eps_spent"]
-    assert again["train_time_s"] == pytest.approx(first["train_time_s"], abs=0.5)
+    run = copy_run(out, tmp_path / "run")
+    first = metrics(out)
+    smoke(data, run, "--resume")
+    again = metrics(run)
+    assert again["dp_release"]["eps_spent"] == first["dp_release"]["eps_spent"]
+    assert again["not_covered_by_dp"]["train_time_s"] == pytest.approx(
+        first["not_covered_by_dp"]["train_time_s"], abs=0.5)
+
+
+def test_every_run_ends_with_its_answer(smoke_run, tmp_path, capsys):
+    data, _ = smoke_run
+    smoke(data, tmp_path / "run", "--eval")
+    text = capsys.readouterr().out.split("==== summary")[-1]
+    for needle in ("(eps, delta) = (", f"after {SMOKE_STEPS}/{SMOKE_STEPS} steps", "noise multiplier",
+                   "logreg", "mlp", "cnn", "safe to publish", "model.pt", "PRIVATE, never share",
+                   m.STATE_FILE, "wall time"):
+        assert needle in text, needle
+    assert text.count("\n") < 12  # short
+
+
+# --------------------------------------------------------------------------- secret noise, release boundary
+def test_two_default_runs_on_the_same_data_differ(smoke_run, tmp_path):
+    """With secret mechanism randomness the same command, even with the same public --seed,
+    gives another model: nobody can replay the run from what is printed or stored."""
+    data, out = smoke_run
+    smoke(data, tmp_path / "a", "--seed", 0)  # the default's public seed, given explicitly
+    a, b = (torch.load(d / "model.pt", weights_only=True)["ema"] for d in (out, tmp_path / "a"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_insecure_noise_seed_reproduces_and_says_the_guarantee_is_void(smoke_run, tmp_path):
+    data, _ = smoke_run
+    for d in "ab":
+        smoke(data, tmp_path / d, "--insecure-noise-seed", 7)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert "VOID" in a["privacy"]["privacy_guarantee"]
+    assert "VOID" in metrics(tmp_path / "a")["dp_release"]["privacy_guarantee"]
+
+
+def test_the_secret_seed_is_in_no_releasable_file(smoke_run, tmp_path, monkeypatch, capsys):
+    seed = 0x5EC2E7_5EED_1234  # what secrets.randbits returns in this run
+    monkeypatch.setattr(m.secrets, "randbits", lambda bits: seed)
+    smoke(smoke_run[0], tmp_path, "--eval")
+    log = capsys.readouterr()
+    patterns = [seed.to_bytes(8, "little"), str(seed).encode(), hex(seed).encode()]
+    state = torch.load(tmp_path / m.STATE_FILE, weights_only=True)
+    assert torch.Generator().set_state(state["rng"]).initial_seed() == seed  # the test can see it...
+    assert seed.to_bytes(8, "little") in (tmp_path / m.STATE_FILE).read_bytes()  # ...in raw bytes too
+    released = [tmp_path / n for n in ("model.pt", "samples.npz", "grid.png", "metrics.json")]
+    for blob in [p.read_bytes() for p in released] + [(log.out + log.err).encode()]:
+        assert not any(pat in blob for pat in patterns)
+    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"format", "config", "ema", "privacy",
+                                                                        "preset", "sampler"}
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would create a file
+        return (open, (str(self.path), "w"))
+
+
+def test_a_crafted_pickle_is_refused_unread(smoke_run, tmp_path):
+    witness = tmp_path / "pwned"
+    crafted = tmp_path / "run" / m.STATE_FILE
+    crafted.parent.mkdir()
+    torch.save({"format": m.FORMAT, "payload": Exploit(witness)}, crafted)
+    with pytest.raises(SystemExit, match="refused unread"):
+        smoke(smoke_run[0], crafted.parent, "--resume")
+    torch.save({"format": m.FORMAT, "payload": Exploit(witness)}, tmp_path / "model.pt")
+    with pytest.raises(SystemExit, match="refused unread"):
+        run_main("--sample-only", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "s")
+    assert not witness.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(smoke_run, tmp_path):
+    good = (smoke_run[1] / "model.pt").read_bytes()
+    for blob, message in ((good[:1000], "truncated"), (b"", "truncated"),):
+        (tmp_path / "model.pt").write_bytes(blob)
+        with pytest.raises(SystemExit, match=message):
+            run_main("--sample-only", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "s")
+    torch.save({"config": {}, "step": 3}, tmp_path / "model.pt")  # an older format
+    with pytest.raises(SystemExit, match="older version of this script"):
+        run_main("--sample-only", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "s")
+
 
 # --------------------------------------------------------------------------- accountant
 def test_reported_eps_is_the_accountant_and_within_target(smoke_run):
-    metrics = json.loads((smoke_run[1] / "metrics.json").read_text())
-    q, sigma, steps, delta = (metrics[k] for k in ("q", "sigma_dp", "steps", "delta"))
-    assert steps == metrics["total_steps"] == round(2 * math.ceil(N_TRAIN / 32))
-    assert metrics["eps_spent"] == pytest.approx(m.epsilon(q, sigma, steps, delta), rel=1e-12)
-    assert metrics["eps_spent"] <= metrics["eps_target"]
+    r = metrics(smoke_run[1])["dp_release"]
+    assert r["steps"] == r["total_steps"] == SMOKE_STEPS
+    assert r["eps_spent"] == pytest.approx(m.epsilon_rdp(r["q"], r["noise_multiplier"], r["steps"], r["delta"]), rel=1e-12)
+    assert r["eps_spent"] <= r["eps_target"]
     # calibration is tight: 1 % less noise would overshoot the target
-    assert m.epsilon(q, 0.99 * sigma, steps, delta) > metrics["eps_target"]
+    assert m.epsilon_rdp(r["q"], 0.99 * r["noise_multiplier"], r["steps"], r["delta"]) > r["eps_target"]
 
 
 def naive_rdp(q, sigma, a):
     """Closed form at integer orders: log sum_k C(a,k)(1-q)^(a-k) q^k e^((k^2-k)/(2 sigma^2)) / (a-1)."""
     logs = [math.log(math.comb(a, k)) + (a - k) * math.log(1 - q) + k * math.log(q)
-            + (k * k - k) / (2 * sigma ** 2) for k in range(a + 1)]  # log of each term
+            + (k * k - k) / (2 * sigma ** 2) for k in range(a + 1)]
     top = max(logs)
     return (top + math.log(sum(math.exp(v - top) for v in logs))) / (a - 1)
 
@@ -131,213 +207,346 @@ def test_rdp_matches_closed_form_and_published_values():
     for q, sigma in ((0.1, 2.0), (1 / 15, 2.487), (0.3, 0.7)):
         got = m.rdp_subsampled_gaussian(q, sigma, orders)
         assert got == pytest.approx([naive_rdp(q, sigma, int(a)) for a in orders], rel=1e-9)
-    # TF-Privacy's rdp_accountant_test: compute_rdp(q=0.1, sigma=2, steps=10, order=5)
+    # TF-Privacy's rdp_accountant_test: compute_rdp(q=0.1, sigma=2, steps=10, order=5) = 0.07737
     assert 10 * m.rdp_subsampled_gaussian(0.1, 2.0, np.array([5.0]))[0] == pytest.approx(0.07737, abs=1e-5)
-    # Opacus' RDP accountant test: sigma 1.5, q 0.04, 2250 steps, delta 1e-5, these orders
+    # Opacus' RDP accountant test: sigma 1.5, q 0.04, 2250 steps, delta 1e-5, its orders
     orders = np.concatenate([np.arange(1.1, 10.95, 0.1), np.arange(12, 64)])
-    assert m.epsilon(0.04, 1.5, 2250, 1e-5, orders) == pytest.approx(7.32911117143, rel=1e-6)
-    # DPDM's MNIST setting (dpdm_facts.md: sigma = 2.487 at eps 10, 18.13 at eps 1)
-    assert m.calibrate_sigma(10, 1 / 15, 4500, 1e-5) == pytest.approx(2.487, rel=5e-3)
-    assert m.calibrate_sigma(1, 1 / 15, 4500, 1e-5) == pytest.approx(18.13, rel=5e-3)
+    assert m.epsilon_rdp(0.04, 1.5, 2250, 1e-5, orders) == pytest.approx(7.32911117143, rel=1e-6)
+    # DPDM's MNIST setting (paper's config; dpdm_facts: 2.487 at eps 10, 18.13 at eps 1).
+    # 04's grid of orders is coarser than 03's, so it may need up to 0.5 % more noise, never less.
+    assert 2.487 <= m.get_noise_multiplier(10, 1e-5, 1 / 15, 4500) <= 2.487 * 1.005
+    assert 18.13 <= m.get_noise_multiplier(1, 1e-5, 1 / 15, 4500) <= 18.13 * 1.005
 
 
 # --------------------------------------------------------------------------- DP-SGD step
-def test_dp_step_clips_every_example_and_adds_noise_of_scale_sigma_c():
+def tiny_batch(cfg, b=13, seed=1):
+    x, y = torch.rand(b, 1, 28, 28) * 2 - 1, torch.arange(b) % 10
+    return m.batch_randomness(x, y, cfg, 10, torch.Generator().manual_seed(seed))
+
+
+def smoke_model(**kw):
     torch.manual_seed(0)
-    cfg = m.Config(**{**m.PRESETS["smoke"], "chunk": 5})
-    model = m.build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.rand(13, 1, 28, 28) * 2 - 1, torch.arange(13) % 10
-    _, probe = m.clipped_grad_sum(model, x, y, cfg, torch.Generator().manual_seed(1), 10)
-    cfg.clip = probe["norms"].median().item()  # so that some examples are clipped, some not
-    sigma_dp, expected = 1.7, 11.0
-    stats = m.dp_step(model, opt, x, y, cfg, sigma_dp, expected, torch.Generator().manual_seed(1),
-                      record=True)
-    norms, clipped = stats["norms"], stats["clipped_norms"]
-    assert len(clipped) == 13 and (norms > cfg.clip).any() and (norms < cfg.clip).any()
-    assert (clipped <= cfg.clip * (1 + 1e-5)).all()                       # clip bound
-    small = norms < cfg.clip
-    assert torch.allclose(clipped[small], norms[small], rtol=1e-5)        # small grads untouched
-    noise = torch.cat([z.flatten() for z in stats["noise"].values()])
-    assert noise.std().item() == pytest.approx(sigma_dp * cfg.clip, rel=0.02)  # P ~ 48k draws
-    assert abs(noise.mean().item()) < 0.02 * sigma_dp * cfg.clip
-    for k, p in model.named_parameters():  # released gradient = (clipped sum + noise) / (qN)
-        assert torch.allclose(p.grad * expected, stats["clipped_sum"][k] + stats["noise"][k],
-                              atol=1e-5)
+    cfg = m.Config(**{**m.PRESETS["smoke"].train, **kw})
+    model = m.build_denoiser(cfg)
+    return cfg, model, m.functools.partial(m.dpdm_loss, sigma_data=model.sigma_data)
+
+
+def test_clip_per_example_bounds_every_example_norm():
+    """Grader of clip_per_example: every clipped per-example gradient has norm <= C, those
+    below C are untouched, and the direction never changes."""
+    cfg, model, loss_fn = smoke_model()
+    grads, _ = m.per_example_grads(model, loss_fn, *tiny_batch(cfg))
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))  # by hand
+    C = norms.median().item()  # some examples above C, some below
+    clipped = m.clip_per_example(grads, C)
+    after = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in clipped.values()))
+    assert (norms > C).any() and (norms < C).any()
+    assert (after <= C * (1 + 1e-6)).all()
+    assert torch.allclose(after[norms < C], norms[norms < C], rtol=1e-6)
+    assert torch.allclose(after[norms > C], torch.full_like(after[norms > C], C), rtol=1e-5)
+    for k, g in grads.items():
+        scale = (clipped[k].flatten(1) * g.flatten(1)).sum(1) / g.flatten(1).pow(2).sum(1).clamp(min=1e-30)
+        assert torch.allclose(clipped[k], g * scale.view(-1, *[1] * (g.dim() - 1)), atol=1e-7)
 
 
 def test_clip_sum_equals_naive_per_example_loop():
-    """vmap'd per-example gradients equal one autograd pass per example."""
-    torch.manual_seed(0)
-    cfg = m.Config(**{**m.PRESETS["smoke"], "K": 3, "clip": 0.05, "label_dropout": 0.0})
-    model = m.build_model(cfg)
-    x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    total, _ = m.clipped_grad_sum(model, x, y, cfg, torch.Generator().manual_seed(3), 10)
-    gen = torch.Generator().manual_seed(3)  # replay the same draws: dropout, sigma, noise
-    torch.rand(4, generator=gen)
-    sigma, noise = m.sample_sigma((4, 3), cfg, gen), torch.randn((4, 3, 1, 28, 28), generator=gen)
+    """Grader of clip_per_example inside the real step: the clipped sum of private_gradient
+    (noise off) equals one autograd pass per example, clipped by hand."""
+    cfg, model, loss_fn = smoke_model(K=3, label_dropout=0.0)
+    batch, C = tiny_batch(cfg, b=4, seed=3), 0.05
+    grads, _ = m.private_gradient(model, loss_fn, *batch, C=C, noise_multiplier=0.0, expected_batch_size=1.0,
+                                  generator=torch.Generator().manual_seed(0))
     want = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     for i in range(4):
         model.zero_grad()
-        m.diffusion_loss(model, x[i:i + 1], y[i:i + 1], sigma[i:i + 1], noise[i:i + 1], cfg.param).sum().backward()
+        loss_fn(model, *[t[i:i + 1] for t in batch]).sum().backward()
         norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
         for k, p in model.named_parameters():
-            want[k] += p.grad * min(1.0, cfg.clip / norm)
+            want[k] += p.grad * min(1.0, C / norm)
     for k in want:
-        assert torch.allclose(total[k], want[k], atol=1e-6, rtol=1e-4), k
+        assert torch.allclose(grads[k], want[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_private_gradient_adds_noise_of_scale_sigma_c_once_divided_by_qn():
+    cfg, model, loss_fn = smoke_model()
+    batch, C, nm, qn = tiny_batch(cfg), 0.3, 1.7, 11.0
+    kw = dict(C=C, expected_batch_size=qn, chunk_size=5)
+    clean, _ = m.private_gradient(model, loss_fn, *batch, noise_multiplier=0.0,
+                                  generator=torch.Generator().manual_seed(0), **kw)
+    noisy, _ = m.private_gradient(model, loss_fn, *batch, noise_multiplier=nm,
+                                  generator=torch.Generator().manual_seed(9), **kw)
+    replay = torch.Generator().manual_seed(9)  # the noise is one N(0, I) draw per parameter, in order
+    for k, p in model.named_parameters():
+        z = torch.randn(p.shape, generator=replay)
+        assert torch.allclose((noisy[k] - clean[k]) * qn, nm * C * z, atol=1e-5), k
+    noise = torch.cat([((noisy[k] - clean[k]) * qn).flatten() for k in noisy])
+    # P ~ 48k draws: the sample std has relative standard error 1/sqrt(2P) ~ 0.0032; 5 s.e.
+    assert noise.std().item() == pytest.approx(nm * C, rel=5 / math.sqrt(2 * len(noise)))
 
 
 def test_chunk_size_changes_speed_not_result():
-    """The logical batch's randomness is drawn before it is cut into physical chunks."""
-    torch.manual_seed(0)
-    model = m.build_model(m.Config(**m.PRESETS["smoke"]))
-    x, y = torch.rand(13, 1, 28, 28) * 2 - 1, torch.arange(13) % 10
-    runs = []
-    for chunk in (3, 13):
-        gen = torch.Generator().manual_seed(5)
-        total, _ = m.clipped_grad_sum(model, x, y, m.Config(**{**m.PRESETS["smoke"], "chunk": chunk}), gen, 10)
-        runs.append((total, gen.get_state()))
-    (a, state_a), (b, state_b) = runs
-    assert torch.equal(state_a, state_b)  # the same draws: the next batch and noise agree too
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    cfg, model, loss_fn = smoke_model()
+    batch = tiny_batch(cfg)
+    runs = [m.private_gradient(model, loss_fn, *batch, C=1.0, noise_multiplier=1.0, expected_batch_size=13,
+                               generator=torch.Generator().manual_seed(5), chunk_size=c)[0] for c in (3, 13)]
+    for k in runs[0]:
+        assert torch.allclose(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-7), k
 
 
 def test_poisson_sampling_includes_each_example_independently():
     """Batch sizes are Binomial(n, q): right mean AND variance (a shuffled fixed-size batch,
-    which the accountant does not cover, has none), every example equally likely."""
-    gen, n, q = torch.Generator().manual_seed(0), 5000, 0.04
-    batches = [m.poisson_batch(n, q, gen) for _ in range(200)]
+    which the accountant does not cover, has variance 0), every example equally likely.
+    Tolerances are 5 standard errors: mean 5 sqrt(nq(1-q)/R); variance of R sizes and of n
+    counts ~ var sqrt(2/(R-1)) resp. sqrt(2/(n-1)) (normal approximation)."""
+    gen, n, q, R = torch.Generator().manual_seed(0), 5000, 0.04, 200
+    batches = [m.poisson_sample(n, q, gen) for _ in range(R)]
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
-    assert sizes.mean().item() == pytest.approx(n * q, rel=0.02)
-    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.3)
-    counts = torch.bincount(torch.cat(batches), minlength=n).double()
+    var = n * q * (1 - q)
+    assert abs(sizes.mean().item() - n * q) < 5 * math.sqrt(var / R)
+    assert abs(sizes.var().item() - var) < 5 * var * math.sqrt(2 / (R - 1))
     assert all(len(set(b.tolist())) == len(b) for b in batches)
-    assert counts.var().item() == pytest.approx(200 * q * (1 - q), rel=0.15)  # no favourites
+    counts = torch.bincount(torch.cat(batches), minlength=n).double()
+    var_c = R * q * (1 - q)
+    assert abs(counts.var().item() - var_c) < 5 * var_c * math.sqrt(2 / (n - 1))  # no favourites
 
 
 def test_noise_multiplicity_averages_k_draws_per_example():
-    cfg = m.Config(**m.PRESETS["smoke"])
-    model = m.build_model(cfg)
-    torch.nn.init.normal_(model.conv_out.weight)  # non-trivial output
+    cfg, model, loss_fn = smoke_model()
+    torch.nn.init.normal_(model.net.conv_out.weight)  # a non-trivial output
     x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 5, 9])
-    sigma, noise = torch.rand(3, 4) + 0.1, torch.randn(3, 4, 1, 28, 28)
-    got = m.diffusion_loss(model, x, y, sigma, noise, "edm")
-    want = torch.stack([m.diffusion_loss(model, x, y, sigma[:, k:k + 1], noise[:, k:k + 1], "edm")
-                        for k in range(4)]).mean(0)
+    sigma, n = torch.rand(3, 4) + 0.1, torch.randn(3, 4, 1, 28, 28)
+    got = loss_fn(model, x, y, sigma, n)
+    want = torch.stack([loss_fn(model, x, y, sigma[:, k:k + 1], n[:, k:k + 1]) for k in range(4)]).mean(0)
     assert got.shape == (3,) and torch.allclose(got, want, rtol=1e-4)
 
 
 def test_model_matches_dpdm_size_and_treats_examples_independently():
-    paper = m.build_model(m.Config(**m.PRESETS["paper"]))
-    assert sum(p.numel() for p in paper.parameters()) == 1_753_345  # DPDM's MNIST DDPM++
+    paper = m.build_denoiser(m.Config())
+    assert sum(p.numel() for p in paper.parameters()) == 1_753_345  # DPDM's MNIST DDPM++ (its README)
     assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in paper.modules())
-    net = m.build_model(m.Config(**m.PRESETS["smoke"]))
-    torch.nn.init.normal_(net.conv_out.weight)
-    x, c = torch.randn(4, 1, 28, 28), torch.zeros(4)
+    _, net, _ = smoke_model()
+    torch.nn.init.normal_(net.net.conv_out.weight)
+    x, s = torch.randn(4, 1, 28, 28), torch.ones(4)
     y = torch.tensor([0, 1, 2, 10])  # 10 = the null label for guidance
-    out = net(x, c, y)
+    out = net(x, s, y)
     x2 = x.clone()
     x2[1:] = torch.randn(3, 1, 28, 28)
-    assert torch.allclose(net(x2, c, y)[0], out[0], atol=1e-6)  # no cross-example mixing
+    assert torch.allclose(net(x2, s, y)[0], out[0], atol=1e-6)  # no cross-example mixing
+
+
+# --------------------------------------------------------------------------- samplers (DPDM's samplers.py)
+MU, S = 0.1, 0.2
+
+
+def exact_D(x, t):
+    """The exact denoiser of data ~ N(MU, S^2): E[x0 | x] = MU + (x - MU) S^2 / (S^2 + t^2)."""
+    return MU + (x - MU) * S ** 2 / (S ** 2 + t ** 2)
 
 
 class ExactGaussianNet(torch.nn.Module):
-    """F such that D(x; sigma) is the exact denoiser of data ~ N(mu, s^2): D = mu + (x - mu)
-    s^2 / (s^2 + sigma^2), written through the preconditioning it is wrapped in."""
-    n_classes, mu, s = 10, 0.1, 0.2
+    """F such that EDMDenoiser(F, param) is exact_D: checks the preconditioning of both
+    parameterisations by inverting it."""
+    n_classes, img_shape = 10, (1, 4, 4)
 
     def __init__(self, param):
         super().__init__()
         self.param, self.sd = param, (m.SIGMA_DATA if param == "edm" else 1.0)
 
     def forward(self, x_in, c_noise, y):
-        sigma = ((4 * c_noise).exp() if self.param == "edm" else torch.tan(c_noise * math.pi / 2)).view(-1, 1, 1, 1)
-        x = x_in * (sigma ** 2 + self.sd ** 2).sqrt()
-        d = self.mu + (x - self.mu) * self.s ** 2 / (self.s ** 2 + sigma ** 2)
-        c_skip = self.sd ** 2 / (sigma ** 2 + self.sd ** 2)
-        return (d - c_skip * x) / (sigma * self.sd / (sigma ** 2 + self.sd ** 2).sqrt())
+        t = ((4 * c_noise).exp() if self.param == "edm" else torch.tan(c_noise * math.pi / 2)).view(-1, 1, 1, 1)
+        x = x_in * (t ** 2 + self.sd ** 2).sqrt()
+        c_skip = self.sd ** 2 / (t ** 2 + self.sd ** 2)
+        return (exact_D(x, t) - c_skip * x) / (t * self.sd / (t ** 2 + self.sd ** 2).sqrt())
 
 
 @pytest.mark.parametrize("param", ["edm", "v"])
-@pytest.mark.parametrize("sampler,steps,tol", [("churn", 40, 0.04), ("heun", 40, 0.03), ("ddim", 200, 0.04)])
-def test_samplers_recover_a_gaussian_from_its_exact_denoiser(param, sampler, steps, tol):
-    cfg = m.Config(sampler=sampler, sample_steps=steps, s_churn=10.0, guidance=0.0)
-    x = m.edm_sampler(ExactGaussianNet(param), torch.zeros(4000, dtype=torch.long), cfg,
-                      torch.Generator().manual_seed(0), (4000, 1, 4, 4), param)
-    assert x.mean().item() == pytest.approx(0.1, abs=0.01)
-    assert x.std().item() == pytest.approx(0.2, rel=tol)
+@pytest.mark.parametrize("sampler,steps", [("churn", 40), ("heun", 40), ("ddim", 200), ("ddim-stochastic", 400)])
+def test_samplers_recover_a_gaussian_from_its_exact_denoiser(param, sampler, steps):
+    """4,000 samples: the mean has s.e. 0.2/63 = 0.003 and the std relative s.e. 1.1 %; the
+    tolerances (0.015 and 4 %) are 5 and ~3.5 s.e. plus the samplers' discretisation error."""
+    sc = m.SamplerConfig(sampler=sampler, sample_steps=steps, s_churn=10.0, num_samples=4000)
+    denoiser = m.EDMDenoiser(ExactGaussianNet(param), param)
+    x, _ = m.generate(denoiser, sc, 4000, "cpu", seed=0, batch=4000)
+    x = x.astype(np.float64) / 127.5 - 1  # uint8 rounding adds variance 1/(12 * 127.5^2): negligible
+    assert x.mean() == pytest.approx(MU, abs=0.015)
+    assert x.std() == pytest.approx(S, rel=0.04)
 
 
-# --------------------------------------------------------------------------- resume
+def recording(D):
+    calls = []
+
+    def wrapped(x, t):
+        calls.append((float(t), D(x, t)))
+        return calls[-1][1]
+    return wrapped, calls
+
+
+def test_churn_is_heun_at_s_churn_0_honours_dpdm_cap_and_returns_the_last_denoiser_output():
+    sig = m.edm_sigma_steps(8)
+    x = sig[0] * torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    heun = m.sample_heun(exact_D, x, sig)
+    churn0 = m.sample_churn(exact_D, x, sig, 0.0, 0.05, 50, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(heun, churn0)
+    D, calls = recording(exact_D)  # S_churn/N = 100 > 1: gamma = DPDM's cap 1, so t_hat = 2t in [S_min, S_max]
+    out = m.sample_churn(D, x, sig, 800.0, 0.05, 50, 1.0, torch.Generator().manual_seed(1))
+    first = [t for t, _ in calls][::2]  # each step: D(x_hat, t_hat), then the correction (not on the last)
+    for t, t_hat in zip(sig, first):
+        assert t_hat == pytest.approx(2 * t if 0.05 <= t <= 50 else t)
+    assert out is calls[-1][1] and len(calls) == 2 * len(sig) - 1
+
+
+def test_ddim_ends_with_one_denoiser_call_at_sigma_min():
+    sig = m.edm_sigma_steps(6)
+    D, calls = recording(exact_D)
+    out = m.sample_ddim(D, sig[0] * torch.randn(10, 1, 4, 4), sig)
+    assert [t for t, _ in calls] == pytest.approx(sig)  # N - 1 Euler steps, then D at sigma_min
+    assert out is calls[-1][1]
+
+
+def test_guidance_mixes_conditional_and_null_predictions():
+    class Fake(torch.nn.Module):
+        n_classes = 10
+
+        def forward(self, x, s, y):
+            return x + y.view(-1, 1, 1, 1).float()
+    y, x = torch.tensor([1, 3]), torch.zeros(2, 1, 2, 2)
+    D = m.guided(Fake(), y, 0.5)
+    assert torch.allclose(D(x, 1.0), 1.5 * (x + y.view(-1, 1, 1, 1)) - 0.5 * (x + 10))
+    assert torch.equal(m.guided(Fake(), y, 0.0)(x, 1.0), x + y.view(-1, 1, 1, 1))
+
+
+def test_paper_sampler_settings_per_dataset_and_eps():
+    """DPImageBench's DPDM configs (configs/DPDM/*.yaml, sampler_fid / sampler_acc)."""
+    fid, note = m.paper_sampler("mnist", 10, "fid")
+    assert fid == dict(sampler="churn", sample_steps=1000, s_churn=50, s_min=0.05, s_max=50, guidance=0.25)
+    assert note == ""
+    assert m.paper_sampler("fmnist", 10, "fid")[0]["guidance"] == 1.0
+    assert m.paper_sampler("mnist", 1, "acc")[0]["s_min"] == 0.1
+    acc, note = m.paper_sampler("mnist", 0.2, "acc")  # no published eps = 0.2 line: nearest is 1
+    assert acc["s_min"] == 0.1 and "eps = 1" in note
+    with pytest.raises(m.UserError, match="mnist and fmnist only"):
+        m.paper_sampler("celeba", 10, "fid")
+    _, cfg, sc = m.parse_args(["--preset", "paper", "--eps", "1"])  # the paper preset: Acc setting, 60k samples
+    assert (sc.sampler, sc.s_churn, sc.s_min, sc.num_samples) == ("churn", 10, 0.1, 60_000)
+
+
+# --------------------------------------------------------------------------- resume, Ctrl-C, kill -9
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     data = tiny_mnist(tmp_path / "data")
-    args = ["--preset", "smoke", "--data-dir", data, "--unverified", "--epochs", 4]
-    run_main(*args, "--out", tmp_path / "a")
+    args = ["--epochs", 4, "--insecure-noise-seed", 3]  # reproducible noise, to compare two runs
+    smoke(data, tmp_path / "a", *args)
+    real_save, saves = m.save_run, []
 
-    real_save, saves = m.save_checkpoint, []
-
-    def crash_after_second_save(path, state):  # simulated crash right after a checkpoint
-        real_save(path, state)
-        saves.append(state["summary"]["steps"])
+    def crash_after_second_save(*a, **k):  # simulated crash right after a checkpoint
+        real_save(*a, **k)
+        saves.append(a[6]["steps"])
         if len(saves) == 2:
-            raise KeyboardInterrupt
+            raise RuntimeError("crash")
 
-    monkeypatch.setattr(m, "save_checkpoint", crash_after_second_save)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(*args, "--out", tmp_path / "b")
-    monkeypatch.setattr(m, "save_checkpoint", real_save)
-    run_main(*args, "--out", tmp_path / "b", "--resume")
+    monkeypatch.setattr(m, "save_run", crash_after_second_save)
+    with pytest.raises(RuntimeError):
+        smoke(data, tmp_path / "b", *args)
+    monkeypatch.setattr(m, "save_run", real_save)
+    smoke(data, tmp_path / "b", *args, "--resume")
+    a, b = (metrics(tmp_path / d)["dp_release"] for d in "ab")
+    assert saves == [2, 4] and b["steps"] == a["steps"] == 12
+    assert b["eps_spent"] == a["eps_spent"] == m.epsilon_rdp(a["q"], a["noise_multiplier"], 12, a["delta"])
+    ea, eb = (torch.load(tmp_path / d / "model.pt", weights_only=True)["ema"] for d in "ab")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)  # the very same run
 
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
-    assert saves == [2, 4] and b["steps"] == a["steps"] == a["total_steps"] == 12
-    assert b["eps_spent"] == a["eps_spent"] == m.epsilon(a["q"], a["sigma_dp"], 12, a["delta"])
-    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
-    for k in ca["model"]:  # same RNG stream after resume: the very same training run
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+def start(cmd):
+    """A real run in a child process that reacts to Ctrl-C (a background process started from
+    a non-interactive shell inherits SIGINT ignored: restore the default in the child)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_saves_the_last_step_and_says_how_to_continue(tmp_path):
+    data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "04_dpdm_mnist.py"), "--preset", "smoke", "--data-dir", str(data),
+           "--unverified", "--out", str(out), "--epochs", "40", "--ckpt-every", "1000"]
+    proc = start(cmd)
+    for line in proc.stdout:  # wait for the first step
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "continue with: python 04_dpdm_mnist.py" in stderr
+    step = torch.load(out / m.STATE_FILE, weights_only=True)["steps"]
+    assert 1 <= step < 120 and f"interrupted at step {step}/120" in stderr  # saved at the step it stopped
+    again = stderr.split("continue with: ")[1].split()
+    assert again[-1] == "--resume" and again[2:-1] == cmd[2:]  # the user's own flags
+    subprocess.run([sys.executable, str(ROOT / again[1]), *again[2:]], check=True, capture_output=True, timeout=300)
+    r = metrics(out)["dp_release"]
+    assert r["steps"] == 120
+    assert r["eps_spent"] == pytest.approx(m.epsilon_rdp(r["q"], r["noise_multiplier"], 120, r["delta"]), rel=1e-12)
 
 
 def test_resume_after_sigkill(tmp_path):
-    data = tiny_mnist(tmp_path / "data")
-    out = tmp_path / "out"
+    data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "04_dpdm_mnist.py"), "--preset", "smoke", "--data-dir",
            str(data), "--unverified", "--out", str(out), "--epochs", "25", "--ckpt-every", "3"]
     total = 25 * math.ceil(N_TRAIN / 32)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start(cmd)
     try:
-        deadline = time.time() + 120
-        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(0.3)
+        for line in proc.stdout:
+            if line.startswith("step    10/"):
+                break
         os.kill(proc.pid, signal.SIGKILL)  # kill -9, possibly in the middle of a write
     finally:
         proc.wait()
-    step = torch.load(out / "ckpt.pt", weights_only=False)["summary"]["steps"]
+    step = torch.load(out / m.STATE_FILE, weights_only=True)["steps"]
     assert 0 < step < total, "the run was not interrupted mid-way"
     subprocess.run(cmd + ["--resume"], check=True, capture_output=True, timeout=300)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == total
-    assert metrics["eps_spent"] == pytest.approx(
-        m.epsilon(metrics["q"], metrics["sigma_dp"], total, metrics["delta"]), rel=1e-12)
+    r = metrics(out)["dp_release"]
+    assert r["steps"] == total
+    assert r["eps_spent"] == pytest.approx(m.epsilon_rdp(r["q"], r["noise_multiplier"], total, r["delta"]), rel=1e-12)
+
+
+def test_a_state_of_another_configuration_is_refused(smoke_run, tmp_path):
+    data, out = smoke_run
+    run = copy_run(out, tmp_path / "run")
+    with pytest.raises(SystemExit, match="another configuration.*lr"):
+        smoke(data, run, "--resume", "--lr", "0.5")
 
 
 # --------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("flag,value,message", [("--eps", 0, "eps must be > 0"),
-                                                ("--eps", -1, "eps must be > 0"),
-                                                ("--delta", 0.02, "delta must be in")])
-def test_bad_privacy_parameters_are_refused(smoke_run, tmp_path, flag, value, message):
-    with pytest.raises(SystemExit, match=message):
-        run_main("--preset", "smoke", "--data-dir", smoke_run[0], "--unverified",
-                 "--out", tmp_path, flag, value)
+@pytest.mark.parametrize("flag,value,message", [
+    ("--eps", 0, "eps must be > 0"), ("--eps", -1, "eps must be > 0"), ("--delta", 0.02, "delta must be in"),
+    ("--clip", 0, "clip must be"), ("--clip", -1, "clip must be"), ("--clip", "nan", "clip must be"),
+    ("--clip", "inf", "clip must be"), ("--batch", 0, "batch must be"), ("--K", 0, "K must be"),
+    ("--epochs", 0, "epochs must be"), ("--lr", 0, "lr must be"), ("--dataset", "cifar", "invalid choice")])
+def test_bad_input_exits_with_one_line_that_says_what_to_do(smoke_run, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        smoke(smoke_run[0], tmp_path, flag, value)
+    text = str(exit_.value.code) + capsys.readouterr().err
+    assert exit_.value.code != 0 and message in text and "Traceback" not in text
+    assert text.strip().count("\n") == 0 and "usage:" not in text
+
+
+def test_a_non_finite_loss_stops_and_saves_nothing_new(smoke_run, tmp_path, monkeypatch):
+    real = m.dpdm_loss
+    monkeypatch.setattr(m, "dpdm_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="loss became nan at step 1.*--lr"):
+        smoke(smoke_run[0], tmp_path)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_dataset_names_are_case_insensitive():
+    assert m.parse_args(["--dataset", "FMNIST"])[1].dataset == "fmnist"
 
 
 def test_missing_and_corrupt_data_files_are_refused(tmp_path):
     data = tiny_mnist(tmp_path / "d")
     (data / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(m.UserError, match="missing t10k-labels-idx1-ubyte.*are at https.*--data-dir"):
+    with pytest.raises(m.UserError, match="missing t10k-labels-idx1-ubyte.*four files.*--data-dir"):
         m.load_data("mnist", data, unverified=True)
     with pytest.raises(m.UserError, match="checksum mismatch"):  # tiny data is not MNIST
         m.load_data("mnist", tiny_mnist(tmp_path / "e"))
+    with pytest.raises(m.UserError, match="is a file, not a folder.*four files"):
+        m.load_data("mnist", data / "train-images-idx3-ubyte.gz")
     good = (data / "train-images-idx3-ubyte.gz").read_bytes()
     for bad, message in ((good[: len(good) // 2], "corrupt gzip"),
                          (gzip.compress(gzip.decompress(good)[:-5]), "corrupt IDX"),
@@ -347,16 +556,27 @@ def test_missing_and_corrupt_data_files_are_refused(tmp_path):
             m.load_data("mnist", data, unverified=True)
 
 
-def test_fashion_mnist_trains_like_mnist_and_is_verified_by_md5_of_its_gz(tmp_path, monkeypatch):
+def test_fashion_mnist_gz_is_verified_by_md5_and_raw_files_are_accepted(tmp_path, monkeypatch, capsys):
     data = tiny_mnist(tmp_path / "d")
     with pytest.raises(m.UserError, match=r"checksum mismatch \(md5-gz"):
         m.load_data("fmnist", data)
-    for name in m.IDX_FILES:  # pretend the tiny files are the published ones
-        path = next(p for p in (data / (name + ".gz"), data / name) if p.exists())
-        monkeypatch.setitem(m.CHECKSUMS["fmnist"], name, ("md5-gz", hashlib.md5(path.read_bytes()).hexdigest()))
-    run_main("--preset", "smoke", "--dataset", "fmnist", "--data-dir", data, "--out", tmp_path / "out")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["config"]["dataset"] == "fmnist" and metrics["n"] == N_TRAIN
+    for name in m.IDX_FILES:  # pretend the tiny .gz files are the published ones
+        path = data / (name + ".gz")
+        if path.exists():
+            monkeypatch.setitem(m.CHECKSUMS["fmnist"], name, ("md5-gz", hashlib.md5(path.read_bytes()).hexdigest()))
+    smoke(data, tmp_path / "out", "--dataset", "fmnist")
+    assert metrics(tmp_path / "out")["dp_release"]["config"]["dataset"] == "fmnist"
+    raw = tiny_mnist(tmp_path / "raw", gz=False)  # uncompressed files: checked by their structure
+    assert len(m.load_data("fmnist", raw)["train"][0]) == N_TRAIN
+    assert "checked by its structure only" in capsys.readouterr().out
+
+
+def test_mnist_files_given_for_fashion_mnist_are_named_as_such(tmp_path, monkeypatch):
+    data = tiny_mnist(tmp_path / "d")
+    raw = gzip.decompress((data / "train-images-idx3-ubyte.gz").read_bytes())
+    monkeypatch.setitem(m.CHECKSUMS["mnist"], "train-images-idx3-ubyte", ("sha256-raw", hashlib.sha256(raw).hexdigest()))
+    with pytest.raises(m.UserError, match="is MNIST's file, not fmnist's: pass --dataset mnist"):
+        m.load_data("fmnist", data)
 
 
 def test_download_tries_mirrors_and_verifies_checksums(tmp_path, monkeypatch):
@@ -366,26 +586,9 @@ def test_download_tries_mirrors_and_verifies_checksums(tmp_path, monkeypatch):
     raw = write_idx(mirror / (name + ".gz"), np.arange(50) % 10)
     monkeypatch.setitem(m.CHECKSUMS["mnist"], name, ("sha256-raw", hashlib.sha256(raw).hexdigest()))
     dead, good = (tmp_path / "nowhere").as_uri() + "/", mirror.as_uri() + "/"
-    cache = tmp_path / "cache"
-    m.download("mnist", name, cache, mirrors=[dead, good])
-    assert gzip.decompress((cache / (name + ".gz")).read_bytes()) == raw
+    m.download("mnist", name, tmp_path / "cache", mirrors=[dead, good])
+    assert gzip.decompress((tmp_path / "cache" / (name + ".gz")).read_bytes()) == raw
     monkeypatch.setitem(m.CHECKSUMS["mnist"], name, ("sha256-raw", "0" * 64))
     with pytest.raises(m.UserError, match=f"(?s)could not download {name}.*nowhere.*checksum mismatch"):
         m.download("mnist", name, tmp_path / "cache2", mirrors=[dead, good])
     assert not (tmp_path / "cache2" / (name + ".gz")).exists()
-
-
-def test_checkpoint_of_another_configuration_is_refused(smoke_run, tmp_path):
-    data, out = smoke_run
-    (tmp_path / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes())
-    with pytest.raises(SystemExit, match="another configuration.*lr"):
-        run_main("--preset", "smoke", "--data-dir", data, "--unverified", "--out", tmp_path,
-                 "--resume", "--lr", "0.5")
-
-
-def test_checkpoint_of_an_older_format_is_refused_clearly(smoke_run, tmp_path):
-    torch.save({"config": {}, "step": 3}, tmp_path / "ckpt.pt")
-    for flags in (["--sample-only", "--ckpt", tmp_path / "ckpt.pt"],
-                  ["--preset", "smoke", "--data-dir", smoke_run[0], "--unverified", "--resume"]):
-        with pytest.raises(SystemExit, match="older version of this script"):
-            run_main(*flags, "--out", tmp_path)

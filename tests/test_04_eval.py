@@ -200,7 +200,8 @@ def test_classifier_architectures_match_the_paper(ev):
 def test_classifiers_reach_high_accuracy_on_an_easy_set(ev):
     x, y = _easy_set(1500, seed=0)
     x_test, y_test = _easy_set(500, seed=1)
-    res = ev.evaluate_downstream(x, y, x_test, y_test, epochs=3, log=lambda *a: None)  # paper's Adam/batch
+    x_tr, y_tr, x_val, y_val = ev.split_generated(x, y)
+    res = ev.evaluate_downstream((x_tr, y_tr), (x_val, y_val), (x_test, y_test), epochs=3)  # paper's Adam/batch
     assert set(res) == {"logreg", "mlp", "cnn"}
     for arch, r in res.items():
         assert r["test_acc"] > 0.95, (arch, r)
@@ -230,11 +231,13 @@ def test_model_selection_never_touches_the_test_set(ev, monkeypatch):
     monkeypatch.setattr(ev, "accuracy", recording_accuracy)
     monkeypatch.setattr(ev, "train_classifier", recording_train)
     archs = ("logreg", "mlp")
-    clean = ev.evaluate_downstream(x, y, x_test, y_test, epochs=4, archs=archs, log=lambda *a: None)
+    x_tr, y_tr, x_val, y_val = ev.split_generated(x, y)
+    clean = ev.evaluate_downstream((x_tr, y_tr), (x_val, y_val), (x_test, y_test), epochs=4, archs=archs)
     assert events == ["trained", "test"] * len(archs)  # test read once per classifier, after selection
     # A poisoned test set (shuffled labels, inverted images) changes nothing but the test score.
-    poisoned = ev.evaluate_downstream(x, y, 255 - x_test, np.random.default_rng(5).permutation(y_test),
-                                      epochs=4, archs=archs, log=lambda *a: None)
+    poisoned = ev.evaluate_downstream((x_tr, y_tr), (x_val, y_val),
+                                      (255 - x_test, np.random.default_rng(5).permutation(y_test)),
+                                      epochs=4, archs=archs)
     for arch in archs:
         assert poisoned[arch]["best_epoch"] == clean[arch]["best_epoch"]
         assert poisoned[arch]["val_acc"] == clean[arch]["val_acc"]
@@ -246,7 +249,7 @@ def test_train_classifier_returns_the_best_validation_epoch(ev):
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), rng.integers(0, 10, 300)
     xv, yv = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), rng.integers(0, 10, 200)
-    model, sel = ev.train_classifier("mlp", x, y, xv, yv, epochs=6, log=lambda *a: None)
+    model, sel = ev.train_classifier("mlp", x, y, xv, yv, epochs=6)
     assert sel["epoch"] == 1 + int(np.argmax(sel["curve"])) and sel["val_acc"] == max(sel["curve"])
     assert sel["epoch"] < 6 and sel["curve"][-1] < sel["val_acc"]  # precondition of the next line
     assert ev.accuracy(model, xv, yv) == sel["val_acc"]  # the returned weights are those of that epoch
@@ -261,19 +264,6 @@ def test_split_generated_is_disjoint_and_complete(ev):
     assert len(x_val) == 10 and len(x_tr) == 90
     assert sorted(np.concatenate([x_tr[:, 0], x_val[:, 0]]).tolist()) == list(range(100))
     assert np.array_equal(y_tr, x_tr[:, 0] % 10)  # labels travel with their images
-
-
-# ---- Sampler settings ------------------------------------------------------------------------
-def test_sampler_settings_named_options(ev):
-    fid = ev.SAMPLER_SETTINGS["fid"]
-    # DPDM README, "best FID" churn setting: S_churn=100, S_min=0.05, S_max=50, 1000 steps.
-    assert (fid["sampler"], fid["s_churn"], fid["s_min"], fid["s_max"], fid["sample_steps"]) == \
-        ("churn", 100.0, 0.05, 50.0, 1000)
-    # DPDM configs/mnist_28/sample_eps_10.0.yaml: deterministic DDIM, 50 steps, no guidance.
-    acc = ev.SAMPLER_SETTINGS["acc"]
-    assert (acc["sampler"], acc["sample_steps"], acc["guidance"]) == ("ddim", 50, 0.0)
-    for s in (fid, acc):  # tmin, tmax, rho of DPDM's configs
-        assert (s["sigma_min"], s["sigma_max"], s["rho"]) == (0.002, 80.0, 7.0)
 
 
 # ---- CelebA ----------------------------------------------------------------------------------
@@ -315,24 +305,28 @@ def test_load_celeba_missing_files_give_instructions(ev, tmp_path):
     (tmp_path / "img_align_celeba").mkdir()
     with pytest.raises(ev.UserError, match="no CelebA training images"):
         ev.load_celeba(tmp_path / "img_align_celeba")
-    with pytest.raises(SystemExit, match="no CelebA images.*--data-dir"):
+    with pytest.raises(SystemExit, match="does not exist.*img_align_celeba.zip.*--data-dir"):
         ev.main(["--dataset", "celeba", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
 
 
 def test_eval_only_writes_accuracies_and_sampler_settings(ev, tmp_path):
-    """--eval-only: sample from a checkpoint with a named paper setting, train the three
+    """--eval-only: sample from a model file with a named paper setting, train the three
     classifiers, and record accuracies and the sampler settings in metrics.json."""
-    from test_04_dpdm_mnist import tiny_mnist
+    from conftest import tiny_mnist
     data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
-    common = ["--data-dir", data, "--unverified", "--out", out]
-    ev.main([str(a) for a in ["--preset", "smoke", *common]])
-    ev.main([str(a) for a in ["--eval-only", "--ckpt", out / "ckpt.pt", "--num-samples", 40,
+    common = ["--data-dir", data, "--unverified"]
+    ev.main([str(a) for a in ["--preset", "smoke", "--out", out, *common]])
+    ev.main([str(a) for a in ["--eval-only", "--ckpt", out / "model.pt", "--num-samples", 40, "--sample-steps", 3,
                               "--eval-epochs", 1, "--sampler-setting", "acc", *common]])
-    metrics = json.loads((out / "metrics.json").read_text())["eval"]
-    assert metrics["sampler_setting"] == "acc" and metrics["sampler"]["sampler"] == "ddim"
-    assert metrics["num_samples"] == 40 and "fid" not in metrics
-    assert sorted(metrics["downstream"]) == ["cnn", "logreg", "mlp"]
-    assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in metrics["downstream"].values())
+    metrics = json.loads((out / "resampled" / "metrics.json").read_text())
+    evaluation = metrics["evaluation"]
+    # the paper's Acc setting for MNIST at eps = 10 (DPImageBench configs/DPDM), steps overridden
+    assert (metrics["sampler"]["sampler"], metrics["sampler"]["s_churn"], metrics["sampler"]["s_min"]) == ("churn", 10, 0.025)
+    assert evaluation["sampler"]["sample_steps"] == 3 and "fid" not in evaluation
+    assert "36 samples" in evaluation["downstream_protocol"]  # a tenth held out to choose the epoch
+    assert sorted(evaluation["downstream"]) == ["cnn", "logreg", "mlp"]
+    assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in evaluation["downstream"].values())
+    assert "eval_time_s" in metrics["not_covered_by_dp"] and "downstream" not in metrics["dp_release"]
 
 
 def test_celeba_trains_unconditionally_at_32x32_rgb(ev, celeba, tmp_path, capsys):
@@ -343,11 +337,12 @@ def test_celeba_trains_unconditionally_at_32x32_rgb(ev, celeba, tmp_path, capsys
     assert "no labels" in capsys.readouterr().out
     s = np.load(out / "samples.npz")
     assert s["x"].shape == (20, 32, 32, 3) and s["x"].dtype == np.uint8
-    assert np.asarray(Image.open(out / "grid.png")).shape == (64, 320, 3)  # 2 rows of 10
+    assert Image.open(out / "grid.png").size == (680, 120)  # 2 rows of 10, unlabelled
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["delta"] == 1e-6 and metrics["n"] == 3 and "downstream" not in metrics["eval"]
+    assert metrics["dp_release"]["delta"] == 1e-6 and metrics["not_covered_by_dp"]["n_train"] == 3
+    assert "downstream" not in metrics["evaluation"]
     # the paper preset is DPDM's CelebA config: batch 2048 (q = 1/80), attention at 16 and 8
-    _, cfg = ev.parse_args(["--preset", "paper", "--dataset", "celeba"])
+    _, cfg, _ = ev.parse_args(["--preset", "paper", "--dataset", "celeba", "--sampler", "ddim"])
     assert (cfg.batch, cfg.attn, cfg.delta, cfg.K) == (2048, (16, 8), 1e-6, 32)
-    assert sum(p.numel() for p in ev.build_model(cfg).parameters()) == 1_804_451  # DPDM's count
+    assert sum(p.numel() for p in ev.build_denoiser(cfg).parameters()) == 1_804_451  # DPDM's count
     assert ev.privacy_plan(cfg, ev.CELEBA_TRAIN_N)[:2] == (1 / 80, 24_000)
