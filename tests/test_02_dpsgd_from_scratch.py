@@ -113,6 +113,22 @@ def test_private_gradient_is_the_same_in_chunks(dpsgd):
     assert max_abs_diff(g0, {k: g.sum(0) / 6.0 for k, g in clipped.items()}) <= 1e-10
 
 
+def test_edm_denoiser_is_skip_plus_scaled_network(dpsgd):
+    # D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), EDM Table 1, c_* written out by hand for
+    # sigma_data^2 = 1/3, one sigma per example; F returns c_in x + c_noise.
+    class Sum(nn.Module):
+        def forward(self, a, c_noise):
+            return a + c_noise.reshape(-1, *[1] * (a.dim() - 1))
+    x = torch.tensor([[[-0.5, 0.2]], [[0.9, 1.5]]], dtype=torch.float64)  # [B=2, 1, 2]
+    sigma = torch.tensor([0.1, 5.0], dtype=torch.float64)
+    s, sd2 = sigma[:, None, None], 1 / 3
+    want = (sd2 / (s**2 + sd2) * x + s * math.sqrt(sd2) / (s**2 + sd2).sqrt()
+            * (x / (s**2 + sd2).sqrt() + s.log() / 4))
+    torch.testing.assert_close(dpsgd.EDMDenoiser(Sum())(x, sigma), want)
+    # Pin of a published constant: DPDM's sigma_data = sqrt(1/3), the std of U[-1, 1].
+    assert dpsgd.SIGMA_DATA == math.sqrt(1 / 3)
+
+
 # ----------------------------------------------------------------------------- clipping
 def test_clipping_bounds_every_norm_and_keeps_small_gradients(dpsgd):
     gen = torch.Generator().manual_seed(0)
