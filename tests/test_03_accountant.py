@@ -301,6 +301,8 @@ def test_pld_default_grid_close_to_fine_reference(accountant):
     (0.02, 0.7, 500, 1e-6, 7.745050302345703), (1e-3, 0.4, 2000, 1e-5, 8.123343441238983),
     (0.05, 0.6, 50, 1e-5, 8.907414116066949), (0.1, 0.8, 1000, 1e-5, 39.88008824045516),
     (0.3, 2.0, 300, 1e-6, 16.638909948863922),
+    # small eps: dp_accounting's grid 1e-4 is coarse here (it gives 0.16163); its 1e-5 grid:
+    (0.0022658290417275273, 2.5971932342738375, 2191, 1e-6, 0.16146579085035653),
 ])
 def test_pld_between_dp_accounting_and_rdp(accountant, q, sigma, steps, delta, dp_accounting):
     pld = accountant.pld_epsilon(q, sigma, steps, delta)
