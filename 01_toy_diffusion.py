@@ -333,8 +333,8 @@ def main():
     v1, se1 = var[1]
     for K, (v, se) in var.items():
         r = K * v / v1
-        print(f"  K = {K:2d}: variance {v:8.3f} +- {se:6.3f}   K * variance / variance(K=1) = "
-              f"{r:.3f} +- {r * math.hypot(se / v, se1 / v1):.3f}")
+        ratio = "1 (reference)" if K == 1 else f"{r:.3f} +- {r * math.hypot(se / v, se1 / v1):.3f}"
+        print(f"  K = {K:2d}: variance {v:8.3f} +- {se:6.3f}   K * variance / variance(K=1) = {ratio}")
 
     sigmas, reference = edm_sigma_steps(args.num_steps), sample_gmm(200_000, generator=gen)
     floor = wasserstein1(sample_gmm(args.samples, generator=gen), reference)
