@@ -133,15 +133,15 @@ def draw_sigma_and_noise(x, K, generator, p_mean=-1.2, p_std=1.2):
     return sigma, n
 
 
-def edm_loss(denoiser, x, sigma, n, sigma_data=SIGMA_DATA):
+def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
     """Per-example EDM loss [B], each the mean over its K draws (noise multiplicity).
 
     The randomness comes in as data (sigma, n), so the same call gives the same loss inside
     vmap and in a plain loop. The K draws are folded into the batch the network sees."""
     B, K = sigma.shape
-    x_k = x.unsqueeze(1).expand(B, K, *x.shape[1:]).reshape(B * K, *x.shape[1:])
+    x_k = x0.unsqueeze(1).expand(B, K, *x0.shape[1:]).reshape(B * K, *x0.shape[1:])
     s = sigma.reshape(B * K)
-    y = x_k + s.reshape(-1, *[1] * (x.dim() - 1)) * n.reshape(B * K, *x.shape[1:])
+    y = x_k + s.reshape(-1, *[1] * (x0.dim() - 1)) * n.reshape(B * K, *x0.shape[1:])
     weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2  # lambda(sigma) = 1 / c_out^2, EDM Table 1
     err = (denoiser(y, s) - x_k).pow(2).flatten(1).mean(1)
     return (weight * err).reshape(B, K).mean(1)
@@ -380,8 +380,8 @@ def plot_noise_multiplicity(args, model, x, runs, gen):
         ax[1].plot(*zip(*curve), "--" if "non" in label else "-", label=label)
     ax[1].set(xlabel="step", ylabel="held-out EDM loss",
               title="Same privacy cost for every K; one run (secret noise)")
-    for a in ax:
-        a.legend(fontsize=7)
+    ax[0].legend(fontsize=7, loc="lower left")
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "noise_multiplicity.png", dpi=80)
 
