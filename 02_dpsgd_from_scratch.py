@@ -380,7 +380,8 @@ def plot_noise_multiplicity(args, model, x, runs, gen):
         ax[1].plot(*zip(*curve), "--" if "non" in label else "-", label=label)
     ax[1].set(xlabel="step", ylabel="held-out EDM loss",
               title="Same privacy cost for every K; one run (secret noise)")
-    ax[0].legend(fontsize=7, loc="lower left")
+    ax[0].set_ylim(top=30 * var[0][0])  # room for the legend above the curves
+    ax[0].legend(fontsize=7, loc="upper right", ncol=2)
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "noise_multiplicity.png", dpi=80)
