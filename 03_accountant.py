@@ -422,8 +422,8 @@ def binomial_tail(r, p):
 
 def audit_p_value(eps, m, r, v, delta):
     """How likely >= v of r guesses are right if the mechanism is (eps, delta)-DP (Steinke et
-    al. 2023, Sec. 5): each guess is right w.p. <= p = e^eps / (1 + e^eps), so with delta = 0
-    it is the Binomial(r, p) tail beta = P[>= v]; delta adds
+    al. 2023, their theorem for approximate DP): each guess is right w.p. <= p = e^eps/(1+e^eps),
+    so with delta = 0 it is the Binomial(r, p) tail beta = P[>= v]; delta adds
     2 m delta max_i (P[>= v-i] - beta) / i."""
     tail = binomial_tail(r, 1 / (1 + math.exp(-eps)))
     i = np.arange(1, v + 1)

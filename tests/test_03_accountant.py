@@ -375,7 +375,7 @@ def test_canary_ceiling_closed_form(accountant, m, rounded):
 
 
 def test_audit_p_value_matches_exact_sum(accountant):
-    # Steinke et al. 2023 (Sec. 5), by hand with exact binomials: beta = P[Bin(r, p) >= v],
+    # Steinke et al. 2023 (approximate DP), by hand with exact binomials: beta = P[Bin(r, p) >= v],
     # p-value = beta + 2 m delta max_i (P[Bin(r, p) >= v - i] - beta) / i. Float sums: 1e-12.
     m, r, v, eps, delta = 100, 50, 40, 1.0, 1e-3
     p = math.exp(eps) / (1 + math.exp(eps))
