@@ -155,11 +155,11 @@ def test_clipping_bounds_every_norm_and_keeps_small_gradients(dpsgd):
 
 # ----------------------------------------------------------------------------- noise
 def test_noise_has_mean_zero_and_std_sigma_C(dpsgd):
-    sigma_dp, C = 1.3, 0.7
+    noise_multiplier, C = 1.3, 0.7
     zeros = {"w": torch.zeros(500, 400, dtype=torch.float64), "b": torch.zeros(20_000, dtype=torch.float64)}
-    noisy = dpsgd.add_dp_noise(zeros, sigma_dp, C, torch.Generator().manual_seed(0))
+    noisy = dpsgd.add_dp_noise(zeros, noise_multiplier, C, torch.Generator().manual_seed(0))
     z = torch.cat([v.flatten() for v in noisy.values()])
-    n, std = z.numel(), sigma_dp * C
+    n, std = z.numel(), noise_multiplier * C
     assert abs(z.mean().item()) <= 5 * std / math.sqrt(n)
     assert abs(z.std().item() - std) <= 5 * std / math.sqrt(2 * n)  # SE of a sample std
     for v in noisy.values():  # every tensor gets its own noise, not a shared draw
@@ -210,13 +210,13 @@ def test_empty_batch_takes_noise_only_step(dpsgd):
     before = [p.detach().clone() for p in model.parameters()]
     empty = (torch.zeros(0, 100, dtype=torch.float64),)
     loss_fn = lambda m, x: m(x).pow(2).sum(1)
-    sigma_dp, C, qN = 2.0, 0.5, 40.0
+    noise_multiplier, C, qN = 2.0, 0.5, 40.0
     info = dpsgd.dp_sgd_step(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, *empty,
-                             C=C, noise_multiplier=sigma_dp, expected_batch_size=qN,
+                             C=C, noise_multiplier=noise_multiplier, expected_batch_size=qN,
                              generator=torch.Generator().manual_seed(0))
     assert info["norms"].numel() == 0 and info["losses"].numel() == 0
     step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)])
-    std = sigma_dp * C / qN  # the update is -N(0, sigma^2 C^2 I) / (qN)
+    std = noise_multiplier * C / qN  # the update is -N(0, noise_multiplier^2 C^2 I) / (qN)
     assert abs(step.mean().item()) <= 5 * std / math.sqrt(step.numel())
     assert abs(step.std().item() - std) <= 5 * std / math.sqrt(2 * step.numel())
 
