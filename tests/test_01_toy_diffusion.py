@@ -1,6 +1,7 @@
 """Chapter 01 tests. Reference values come from closed forms (Gaussian algebra, EDM Table 1 by
 hand), Monte Carlo, or an exact mixture denoiser written out below; none from the code under
-test. Statistical tolerances are 5 standard errors of the estimate, stated where they are used.
+test. Statistical tolerances are 5 standard errors of the estimate, stated where they are used;
+tolerances of 1e-6 to 1e-12 are float64 round-off bounds for exact identities.
 
 Graders (README "Assignments") depend only on their own exercise: the sampler tests use the
 reference denoiser below, not the script's gmm_denoiser; the gmm_denoiser tests compute c_skip

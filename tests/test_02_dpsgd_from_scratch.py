@@ -4,6 +4,7 @@ References are independent of the code under test: a plain loop of batch-size-1 
 passes (per-example gradients), closed forms (noise std sigma_DP*C, Binomial(N, q) batch
 sizes, sensitivity C), and ordinary autograd (the non-private step). Statistical checks use
 fixed seeds and tolerances of 5 standard errors, derived from the closed-form statistics.
+Tolerances of 1e-6 to 1e-12 are float64 round-off bounds for exact identities, not statistics.
 
 Graders (README "Assignments") depend only on their own exercise: the clipping tests get their
 per-example gradients from the loop below, not from per_example_grads, and the per_example_grads
