@@ -13,11 +13,11 @@ number of right guesses into a lower bound eps_LB (03's `audit_one_run`).
 Error rates. A correct mechanism that is (eps, delta)-DP gives eps_LB > eps with probability at
 most the significance ALPHA = 1e-3 (Steinke et al. 2023, their theorem for approximate DP): that
 bounds the false-alarm rate of every `<= claimed` assertion (0 of 2,000 runs of 03's simulator
-of this setting came above 0.43, the claim is 1.5). With perfect guesses this audit can show up to 3.57 (K = 250,
-ALPHA = 1e-3); the broken mechanisms get there or near: in 2,000 simulated runs each, noise/10
-gave eps_LB >= 3.07 and a known seed always 3.57, so the `> claimed` assertions fail with
-probability < 1.5e-3 (95% upper bound from 0 failures in 2,000), skipped clipping (signal 100 x
-larger than the calibrated C) even less. Each test takes a few seconds.
+of this setting came above 0.43, the claim is 1.5). With perfect guesses this audit can show up
+to 3.57 (K = 250, ALPHA = 1e-3); the broken mechanisms get there or near: in 2,000 simulated
+runs each, noise/10 gave eps_LB >= 3.07 and a known seed always 3.57, so the `> claimed`
+assertions fail with probability < 1.5e-3 (95% upper bound from 0 failures in 2,000), skipped
+clipping (signal 100 x larger than the calibrated C) even less. Each test takes a few seconds.
 """
 import numpy as np
 import pytest
