@@ -231,7 +231,7 @@ def smoke_model(**kw):
     return cfg, model, m.functools.partial(m.dpdm_loss, sigma_data=model.sigma_data)
 
 
-def test_clip_per_example_bounds_every_example_norm():
+def test_clips_every_example_to_norm_at_most_c():
     """Grader of clip_per_example: every clipped per-example gradient has norm <= C, those
     below C are untouched, and the direction never changes."""
     cfg, model, loss_fn = smoke_model()
