@@ -3,20 +3,14 @@
 `python 04_dpdm_mnist.py --eps 10` trains a class-conditional diffusion model with DP-SGD at
 (eps, delta = 1e-5), samples from it, and evaluates the samples as the paper does.
 
-Part I is the method, to be read top to bottom (Dockhorn, Cao, Vahdat, Kreis, "Differentially
-Private Diffusion Models", TMLR 2023 = DPDM; Karras et al. 2022 = EDM):
-  1. The denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1) and its loss
-        l(x) = 1/K sum_k lambda(sigma_k) |D(x + sigma_k n_k; sigma_k) - x|^2,  ln sigma ~ N(P_mean, P_std^2),
-     with noise multiplicity K (DPDM Sec. 3.2, eq. 6): K noise draws, still ONE example and ONE
-     clipped gradient, so K lowers the gradient variance at no privacy cost.
-  2. DP-SGD (DPDM Alg. 1; Abadi et al. 2016): Poisson sampling with rate q, per-example gradients
-     (torch.func), flat clipping to C, and one Gaussian draw per logical batch:
-        g = (sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN).
-     The mechanism's randomness is secret: seeded from OS entropy, never from --seed.
-  3. The Renyi-DP accountant of the Poisson-subsampled Gaussian (Mironov et al. 2019) with the
-     conversion of Balle et al. 2020: the noise multiplier is calibrated so eps never exceeds the target.
-  4. Sampling as DPDM does: EDM's stochastic "churn" sampler with DPDM's cap, deterministic and
-     stochastic DDIM, classifier-free guidance (DPDM App. C), v-prediction at eps < 1 (Sec. 5.2).
+Part I is the method, to be read top to bottom (DPDM = Dockhorn, Cao, Vahdat, Kreis, "Differentially
+Private Diffusion Models", TMLR 2023; EDM = Karras et al. 2022):
+  1. the EDM denoiser and its loss with noise multiplicity K (DPDM Sec. 3.2): K noise draws per
+     example, still ONE example and ONE clipped gradient, so K lowers the variance for free;
+  2. DP-SGD (DPDM Alg. 1): Poisson sampling, per-example clipping, Gaussian noise, all drawn from
+     secret randomness;
+  3. the Renyi-DP accountant, which calibrates the noise so that eps never exceeds the target;
+  4. DPDM's samplers: EDM's churn sampler, DDIM, classifier-free guidance, v-prediction at eps < 1.
 Part II is infrastructure a reader may skim: the U-Net, data, files (what is safe to publish),
 torchrun, evaluation (FID; classifiers trained on samples, tested on real data), command line.
 Chapters 01-03 teach each piece alone; this file repeats what it needs so that it runs alone.
@@ -64,7 +58,8 @@ def option(default, help, runtime=False, **kw):
 @dataclass
 class Config:
     """What is trained: model, objective and DP-SGD. Defaults are DPDM's MNIST configuration."""
-    dataset: str = option("mnist", "mnist | fmnist | celeba (32x32, unconditional)", choices=("mnist", "fmnist", "celeba"))
+    dataset: str = option("mnist", "mnist | fmnist | celeba (32x32, unconditional)",
+                          choices=("mnist", "fmnist", "celeba"))
     channels: int = option(32, "U-Net base channels")
     mults: tuple = option((1, 2, 2), "U-Net channel multiplier per resolution, e.g. 1,2,2")
     blocks: int = option(2, "residual blocks per resolution")
@@ -99,7 +94,8 @@ class Config:
 @dataclass
 class SamplerConfig:
     """How samples are drawn from a trained model (post-processing: no privacy cost)."""
-    sampler: str = option("ddim", "churn | heun | ddim | ddim-stochastic", choices=("churn", "heun", "ddim", "ddim-stochastic"))
+    sampler: str = option("ddim", "churn | heun | ddim | ddim-stochastic",
+                          choices=("churn", "heun", "ddim", "ddim-stochastic"))
     sample_steps: int = option(50, "number of noise levels N")
     s_churn: float = option(0.0, "churn: S_churn (gamma = min(S_churn/N, 1) inside [S_min, S_max])")
     s_min: float = option(0.05, "churn: S_min")
@@ -172,8 +168,7 @@ PAPER_SAMPLERS = {
 
 
 def paper_sampler(dataset, eps, setting):
-    """SamplerConfig overrides of the paper's setting for (dataset, eps), and a note when the
-    nearest published eps (in log scale) had to stand in for this one."""
+    """SamplerConfig overrides of the paper's setting, and a note if the nearest published eps stood in."""
     published = [e for d, e, s in PAPER_SAMPLERS if d == dataset and s == setting]
     if not published:
         raise UserError(f"the paper publishes sampler settings for mnist and fmnist only, not "
@@ -188,8 +183,8 @@ SIGMA_DATA = math.sqrt(1 / 3)  # std of U[-1, 1]: DPDM's public constant for dat
 
 
 def edm_precond(sigma, sigma_data=SIGMA_DATA):
-    """EDM Table 1: c_skip, c_out, c_in, c_noise. D is the minimum-variance mix of the noisy
-    input and the network's output, and F's input and target both have unit variance."""
+    """EDM Table 1: D mixes the noisy input and F's output with minimum variance; F's input and
+    target both have unit variance."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
@@ -230,9 +225,8 @@ def draw_sigma_and_noise(x, K, generator, p_mean=-1.2, p_std=1.2, param="edm", l
 
 
 def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
-    """Per-example loss [B], each the mean over its K draws and all pixels of
-    lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2, lambda = 1 / c_out^2 (EDM Table 1).
-    The K draws are folded into the batch the network sees."""
+    """Per-example loss [B]: 1/K sum_k lambda(sigma_k) |D(x0 + sigma_k n_k; sigma_k) - x0|^2 (mean over
+    pixels), lambda = 1 / c_out^2 (EDM Table 1). The K draws are folded into the network's batch."""
     b, K = sigma.shape
     xk = x0.unsqueeze(1).expand(b, K, *x0.shape[1:]).reshape(b * K, *x0.shape[1:])
     s = sigma.reshape(b * K, *[1] * (x0.dim() - 1))
@@ -242,22 +236,19 @@ def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
 
 
 def dpdm_loss(model, x, y, sigma, n, sigma_data):
-    """DP-SGD's loss_fn: the class-conditional EDM loss of each example (y: labels, with the
-    null label where label dropout hit)."""
+    """DP-SGD's loss_fn: the class-conditional EDM loss of each example (y may be the null label)."""
     K = sigma.shape[1]
     return edm_loss(lambda xk, s: model(xk, s, y.repeat_interleave(K)), x, sigma, n, sigma_data)
 
 
 # ----------------------------------------------------------------------------- DP-SGD
 def secret_generator(device="cpu", insecure_seed=None):
-    """The generator of ALL training randomness: Poisson batches, diffusion noise, DP noise.
-    DP's adversary knows every training image but one. If this noise were a function of a seed
-    they can read (a printed or stored --seed), they could replay training with and without
-    that image and compare with the released model: certainty, at any eps. So it is seeded
-    with 63 bits of OS entropy, never printed, and its state is kept only in the private resume
-    file. torch's generator is not a cryptographic one (a deployment would use a CSPRNG and
-    Opacus-style secure_mode against floating-point attacks, Mironov 2012). insecure_seed:
-    reproducible noise for tests and debugging; it voids the guarantee and the run says so."""
+    """The generator of ALL training randomness (Poisson batches, diffusion noise, DP noise).
+    DP's adversary knows every training image but one; given a seed they can read (--seed, a log),
+    they could replay training with and without that image: certainty, at any eps. Hence 63 bits
+    of OS entropy, never printed, its state kept only in the private resume file. (torch's generator
+    is no CSPRNG: a deployment would use one, and Opacus' secure_mode, Mironov 2012.)
+    insecure_seed: reproducible noise for tests; it voids the guarantee and the run says so."""
     seed = secrets.randbits(63) if insecure_seed is None else insecure_seed
     if dist.is_initialized():  # DIST: every process must draw the same noise: rank 0's secret
         shared = torch.tensor([seed], dtype=torch.int64, device=device)
@@ -267,17 +258,14 @@ def secret_generator(device="cpu", insecure_seed=None):
 
 
 def poisson_sample(n, q, generator):
-    """Indices of a Poisson batch: each example joins independently with probability q. The
-    accountant's amplification by subsampling is proven for THIS mechanism, not for shuffled
-    fixed-size batches. The batch size is random and may be 0."""
+    """Each example joins independently with probability q (the batch may be empty): the
+    accountant's amplification by subsampling is proven for THIS, not for shuffled fixed batches."""
     return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < q).flatten()
 
 
 def batch_randomness(x, y, cfg, n_classes, generator):
-    """Every random draw of a logical batch, made before it is cut into chunks or shared
-    between processes: so the chunk size and the number of processes change speed, not
-    results. Label dropout (the null label n_classes trains guidance), then K noise levels
-    and noises per example."""
+    """Label dropout (the null label n_classes trains guidance), then K noise levels and noises per
+    example: drawn before the batch is cut into chunks or processes, which change speed, not results."""
     drop = torch.rand(len(y), generator=generator, device=generator.device) < cfg.label_dropout
     sigma, n = draw_sigma_and_noise(x, cfg.K, generator, cfg.p_mean, cfg.p_std, cfg.param,
                                     (cfg.logsnr_min, cfg.logsnr_max))
@@ -285,8 +273,7 @@ def batch_randomness(x, y, cfg, n_classes, generator):
 
 
 def per_example_grads(model, loss_fn, *batch, chunk_size=None):
-    """({name: [B, *param.shape]}, losses [B]): the gradient of each example's loss, by running
-    the gradient of ONE example's loss over the batch with vmap. loss_fn(model, *batch) -> [B]."""
+    """({name: [B, *param.shape]}, losses [B]): the gradient of ONE example's loss, vmapped over the batch."""
     params = {k: p.detach() for k, p in model.named_parameters()}
 
     def loss_of_one(p, *example):
@@ -309,30 +296,26 @@ def clip_per_example(grads, C):
 
 
 def add_dp_noise(summed, noise_multiplier, C, generator):
-    """The Gaussian mechanism: summed + N(0, noise_multiplier^2 C^2 I). One example moves the
-    clipped sum by at most C (its sensitivity), so the noise scales with C."""
+    """The Gaussian mechanism: summed + N(0, noise_multiplier^2 C^2 I); C is the clipped sum's sensitivity."""
     return {k: s + noise_multiplier * C * torch.randn(s.shape, generator=generator, device=s.device)
             for k, s in summed.items()}
 
 
 def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size, generator,
                      chunk_size=None):
-    """(sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info {"norms", "losses"}.
-    Per-example gradients live one chunk of chunk_size examples at a time (bf16 network on a GPU;
-    the DP arithmetic is fp32). Dividing by the EXPECTED batch size qN, not the realised one,
-    keeps the released gradient's sensitivity at C/(qN) whoever was sampled. The norms and
-    losses are statistics of private data: look at them, never publish them.
-    DIST: process r of R computes the r-th share of the batch; the clipped sums are all-reduced,
-    so every process holds the sum of the whole batch and adds the same noise (same generator
-    state): the noise enters once, and each process's info covers its own share."""
+    """g = (sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info {"norms", "losses"}
+    (statistics of private data: look at them, never publish them). Dividing by the EXPECTED batch
+    size qN keeps the sensitivity at C/(qN) whoever was sampled. Per-example gradients exist one
+    chunk at a time (bf16 network on a GPU, fp32 DP arithmetic). DIST: process r of R clips the r-th
+    share of the batch; after the all-reduce every process holds the whole sum and adds the same
+    noise (same generator state), so the noise enters once."""
     rank, size = world()
     b = len(batch[0])
     share = -(-b // size)
     first, last, step = rank * share, min(b, (rank + 1) * share), chunk_size or max(b, 1)
     summed = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in model.named_parameters()}
     norms, losses = [torch.zeros(0, device=batch[0].device)], [torch.zeros(0, device=batch[0].device)]
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if batch[0].is_cuda
-           else contextlib.nullcontext())
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if batch[0].is_cuda else contextlib.nullcontext()
     for i in range(first, last, step):  # an empty batch skips the loop: a noise-only step
         with amp:
             grads, loss = per_example_grads(model, loss_fn, *[t[i:min(i + step, last)] for t in batch])
@@ -376,11 +359,10 @@ RDP_ORDERS = np.concatenate([np.arange(1.25, 12, 0.25), np.arange(12, 257)])
 
 
 def rdp_subsampled_gaussian(q, noise_multiplier, orders=RDP_ORDERS):
-    """RDP of one step at real orders a > 1 (Mironov, Talwar, Zhang 2019, Sec. 3.3):
+    """RDP of one step at real orders a > 1 (Mironov, Talwar, Zhang 2019, Sec. 3.3), s = noise_multiplier:
         eps(a) = log A_a / (a - 1),  A_a = E_{z ~ N(0, s^2)} [(1 - q + q e^{(2z - 1)/(2 s^2)})^a],
-    s = noise_multiplier: the a-th moment of the likelihood ratio between "with" and "without"
-    one example. Trapezoid rule in log space (A_a reaches e^1000s) on a grid of step s/20: the
-    integrand is smooth, and the rule is then accurate far beyond float64."""
+    the a-th moment of the likelihood ratio "with" vs "without" one example. Trapezoid rule in log
+    space (A_a reaches e^1000s), step s/20: for this smooth integrand, accurate beyond float64."""
     s = noise_multiplier
     z = np.arange(-12 * s, orders.max() + 12 * s, s / 20)
     log_phi = -z ** 2 / (2 * s ** 2) - math.log(s * math.sqrt(2 * math.pi)) + math.log(s / 20)
@@ -401,8 +383,7 @@ def epsilon_rdp(q, noise_multiplier, steps, delta, orders=RDP_ORDERS):
 
 
 def get_noise_multiplier(target_epsilon, delta, sample_rate, steps):
-    """The smallest noise multiplier (to 1e-4 relative) whose eps <= target: a bisection that
-    returns the upper end, so the target is never exceeded."""
+    """The smallest noise multiplier (to 1e-4 relative) with eps <= target: bisection, upper end."""
     eps = lambda s: epsilon_rdp(sample_rate, s, steps, delta)
     lo, hi = 0.05, 1.0
     while eps(hi) > target_epsilon:
@@ -439,9 +420,8 @@ def privacy_report(cfg, q, noise_multiplier, steps, total_steps, insecure_seed):
 
 # ----------------------------------------------------------------------------- training
 def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
-    """DP-SGD training; returns (EMA denoiser, privacy report, seconds of training). DIST:
-    every process runs this loop; only the per-example gradients are split (private_gradient).
-    run: what the releasable model file records besides the model (preset, sampler)."""
+    """DP-SGD; returns (EMA denoiser, privacy report, training seconds). run: what the model file
+    records besides the model. DIST: every process runs this loop (private_gradient splits the work)."""
     x_train, y_train = (t.to(device) for t in data["train"])
     n = len(x_train)
     q, total_steps, noise_multiplier = privacy_plan(cfg, n)
@@ -472,8 +452,9 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
             if stopping:
                 raise Interrupted(step, total_steps, report()["eps_spent"])
             if step % cfg.log_every == 0 or step == total_steps:
-                print_progress(step, total_steps, loss, report()["eps_spent"], cfg.eps, seen,
-                               time.time() - t0, start)
+                elapsed, eps = time.time() - t0, report()["eps_spent"]
+                print_progress(f"step {step:5d}/{total_steps} | loss {loss:.4f} | eps {eps:.3f}/{cfg.eps}"
+                               f" | {seen / elapsed:6.0f} ex/s", step - start, total_steps - start, elapsed)
     return ema, report(), seconds + time.time() - t0
 
 
@@ -557,7 +538,7 @@ def generate(denoiser, sc, num, device, seed, batch=1000):
             x = sample_ddim(D, x, sigmas, gen, stochastic=sc.sampler == "ddim-stochastic")
         xs.append(x.cpu())
         if i + len(y) < num:
-            print_rate("  sampled", i + len(y), num, time.time() - t0)
+            print_progress(f"  sampled {i + len(y)}/{num}", i + len(y), num, time.time() - t0)
     x = ((torch.cat(xs).permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return (x[..., 0] if x.shape[-1] == 1 else x), labels.cpu().numpy()
 
@@ -582,13 +563,16 @@ def main(argv=None):
                   f"--preset paper")
             data = load_data(cfg.dataset, args.data_dir, args.unverified)
             run = {"preset": args.preset, "sampler": plain(sc)}
-            ema, report, train_s = train(cfg, data, out, args.device, args.resume, args.insecure_noise_seed, run)
+            ema, report, train_s = train(cfg, data, out, args.device, args.resume,
+                                         args.insecure_noise_seed, run)
             times = {"train_time_s": train_s}
         if dist.is_initialized():  # DIST: sampling, outputs and evaluation are rank 0's
             dist.destroy_process_group()
             if rank > 0:
                 return
-        print(f"sampling {sc.num_samples} images ({sampler_text(sc)}) ...")
+        churn = f", S_churn {sc.s_churn}, S_min {sc.s_min}, S_max {sc.s_max}" if sc.sampler == "churn" else ""
+        print(f"sampling {sc.num_samples} images ({sc.sampler}, {sc.sample_steps} steps{churn}, "
+              f"guidance {sc.guidance}) ...")
         t0 = time.time()
         x, y = generate(ema.eval(), sc, sc.num_samples, args.device, cfg.seed)
         times["sample_time_s"] = time.time() - t0
@@ -597,7 +581,7 @@ def main(argv=None):
             t0 = time.time()
             metrics["evaluation"] = evaluate(ema, x, y, data, cfg, sc, args)
             metrics["not_covered_by_dp"]["eval_time_s"] = time.time() - t0
-            write_json(out / "metrics.json", metrics)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print_summary(out, args, metrics, time.time() - t_start)
     except UserError as e:
         sys.exit(f"error: {e}")
@@ -616,7 +600,7 @@ def main(argv=None):
 # =============================================================================================
 
 
-# ----------------------------------------------------------------------------- U-Net: DDPM++ as in DPDM App. B
+# ------------------------------------------------------------------ U-Net: DDPM++ as in DPDM App. B
 def noise_embedding(c_noise, dim):
     """Sinusoidal embedding of the (scalar) noise level, as DDPM++'s positional embedding."""
     half = dim // 2
@@ -722,7 +706,7 @@ def build_denoiser(cfg):
                             d.classes, cfg.unshuffle), cfg.param)
 
 
-# ----------------------------------------------------------------------------- data: IDX files (downloaded, verified), CelebA
+# ------------------------------------------------- data: IDX files (downloaded, verified), CelebA
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -746,24 +730,9 @@ CLASS_NAMES = {"mnist": [str(i) for i in range(10)],
                           "Sneaker", "Bag", "Boot"]}
 
 
-def idx_help(dataset):
-    return (f"expected the four files {', '.join(IDX_FILES)} (.gz or raw) of {dataset}, from "
-            f"{MIRRORS[dataset][0]}; offline, put them in a folder and pass --data-dir FOLDER")
-
-
-def parse_idx(raw, name):
-    """IDX: magic 0x0000 <dtype 0x08=uint8> <ndim>, ndim big-endian uint32 sizes, data."""
-    if len(raw) < 8 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (1, 3):
-        raise UserError(f"{name}: not an IDX uint8 file (bad magic number)")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if ndim == 3 and dims[1:] != [28, 28] or len(raw) != 4 + 4 * ndim + math.prod(dims):
-        raise UserError(f"{name}: corrupt IDX file (dims {dims}, {len(raw)} bytes)")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def check_idx_file(data, dataset, name, unverified=False):
-    """Decompress if gzipped, verify the published checksum, parse the IDX structure."""
+    """Decompress if gzipped, verify the published checksum, parse the IDX structure: magic
+    0x0000 <dtype 0x08 = uint8> <ndim>, ndim big-endian uint32 sizes, then the data."""
     gz = data[:2] == b"\x1f\x8b"
     try:
         raw = gzip.decompress(data) if gz else data
@@ -781,7 +750,13 @@ def check_idx_file(data, dataset, name, unverified=False):
                             f"{name}: checksum mismatch ({kind} {got} != {want}): not the published "
                             f"{dataset} file (corrupt or another data set). Fetch it again, or pass "
                             f"--unverified to use your own data in IDX format")
-    return parse_idx(raw, name)
+    if len(raw) < 8 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (1, 3):
+        raise UserError(f"{name}: not an IDX uint8 file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if ndim == 3 and dims[1:] != [28, 28] or len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise UserError(f"{name}: corrupt IDX file (dims {dims}, {len(raw)} bytes)")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def download(dataset, name, cache, mirrors=None):
@@ -809,17 +784,9 @@ CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip
                "there) and pass its path, or the unzipped img_align_celeba folder, as --data-dir.")
 
 
-def center_crop_resize(img, resolution=32):
-    """Centre square crop, then Lanczos resize (StyleGAN's dataset_tool, used by DPDM)."""
-    a = np.asarray(img.convert("RGB"))
-    c = min(a.shape[:2])
-    top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
-    crop = Image.fromarray(a[top:top + c, left:left + c])
-    return np.asarray(crop.resize((resolution, resolution), Image.LANCZOS))
-
-
 def load_celeba(path, resolution=32):
-    """uint8 (N, 3, res, res) of the official training split from img_align_celeba.zip or its folder."""
+    """uint8 (N, 3, res, res) of the official training split from img_align_celeba.zip or its
+    folder: centre square crop, then Lanczos resize (StyleGAN's dataset_tool, used by DPDM)."""
     path = Path(path)
     path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
     if path.suffix == ".zip" and path.is_file():
@@ -835,7 +802,11 @@ def load_celeba(path, resolution=32):
         raise UserError(f"no CelebA training images (000001.jpg ...) in {path}. {CELEBA_HELP}")
     out = np.empty((len(keep), 3, resolution, resolution), dtype=np.uint8)
     for i, name in enumerate(keep):
-        out[i] = center_crop_resize(Image.open(io.BytesIO(read(names[name]))), resolution).transpose(2, 0, 1)
+        a = np.asarray(Image.open(io.BytesIO(read(names[name]))).convert("RGB"))
+        c = min(a.shape[:2])
+        top, left = (a.shape[0] - c) // 2, (a.shape[1] - c) // 2
+        crop = Image.fromarray(a[top:top + c, left:left + c]).resize((resolution, resolution), Image.LANCZOS)
+        out[i] = np.asarray(crop).transpose(2, 0, 1)
         if (i + 1) % 20_000 == 0:
             print(f"  CelebA: {i + 1}/{len(keep)} images")
     return out
@@ -846,34 +817,36 @@ def load_data(dataset, data_dir=None, unverified=False):
     0 for the unconditional CelebA). Reads --data-dir, else the cache ./data/<dataset>,
     downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
     folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
+    how = CELEBA_HELP if dataset == "celeba" else (
+        f"expected the four files {', '.join(IDX_FILES)} (.gz or raw) of {dataset}, from "
+        f"{MIRRORS[dataset][0]}; offline, put them in a folder and pass --data-dir FOLDER")
     if data_dir and not folder.exists():
-        raise UserError(f"--data-dir {folder} does not exist; " + (
-            CELEBA_HELP if dataset == "celeba" else idx_help(dataset)))
+        raise UserError(f"--data-dir {folder} does not exist; {how}")
     if dataset == "celeba":
         x = torch.from_numpy(load_celeba(folder)) / 127.5 - 1.0
         return {"train": (x, torch.zeros(len(x), dtype=torch.long)), "test": None}
     if data_dir and not folder.is_dir():
-        raise UserError(f"--data-dir {folder} is a file, not a folder; {idx_help(dataset)}")
+        raise UserError(f"--data-dir {folder} is a file, not a folder; {how}")
     arrays = []
     for name in IDX_FILES:
         path = next((folder / f for f in (name + ".gz", name) if (folder / f).exists()), None)
         if path is None and data_dir:
-            raise UserError(f"missing {name}(.gz) in {folder}: {idx_help(dataset)}")
+            raise UserError(f"missing {name}(.gz) in {folder}: {how}")
         try:
             data = path.read_bytes() if path else download(dataset, name, folder)
         except UserError as e:
-            raise UserError(f"{e}\n{idx_help(dataset)}")
+            raise UserError(f"{e}\n{how}")
         arrays.append(check_idx_file(data, dataset, name, unverified and path is not None))
     out = {}
     for split, (xi, yi) in (("train", arrays[:2]), ("test", arrays[2:])):
         if len(xi) != len(yi):
-            raise UserError(f"{split}: {len(xi)} images but {len(yi)} labels; {idx_help(dataset)}")
+            raise UserError(f"{split}: {len(xi)} images but {len(yi)} labels; {how}")
         x = torch.from_numpy(xi.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
         out[split] = (x, torch.from_numpy(yi.astype(np.int64)))
     return out
 
 
-# ----------------------------------------------------------------------------- files: what may be published, what stays private
+# ------------------------------------------------- files: what may be published, what stays private
 MODEL_FILE = "model.pt"                    # releasable: config, EMA weights, privacy report
 STATE_FILE = "PRIVATE_resume_state.pt"     # for --resume only: holds the noise generator's state
 SAMPLE_FILES = ("samples.npz", "grid.png", "metrics.json")
@@ -890,20 +863,12 @@ def plain(cfg):
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def from_plain(cls, d):
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def save_atomic(path, obj):
     """Temp file, then os.replace: a kill -9 mid-write leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def first_line(err):
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def load_safely(path, device):
@@ -913,11 +878,12 @@ def load_safely(path, device):
         obj = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist")
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds more than tensors and plain values: refused unread "
-                        f"(only files this script wrote are loaded). ({first_line(e)})")
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is truncated or not a torch file ({first_line(e)})")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, pickle.UnpicklingError):
+            raise UserError(f"{path} holds more than tensors and plain values: refused unread "
+                            f"(only files this script wrote are loaded). ({why})")
+        raise UserError(f"{path} is truncated or not a torch file ({why})")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} was written by an older version of this script or is not one "
                         f"of its files: train again")
@@ -972,7 +938,7 @@ def load_model_file(path, device):
     if not path:
         raise UserError("--sample-only and --eval-only need --ckpt PATH of a model.pt")
     m = load_safely(Path(path), device)
-    cfg = from_plain(Config, m["config"])
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
     ema = build_denoiser(cfg).to(device)
     ema.load_state_dict(m["ema"])
     print(f"loaded {path}: trained {m['privacy']['steps']} steps, (eps, delta) = "
@@ -992,28 +958,16 @@ def refuse_to_overwrite(out, args, names):
         (out / name).unlink()
 
 
-def write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=2))
-
-
 def save_outputs(out, x, y, cfg, sc, report, times, n_train):
-    """samples.npz (x uint8, y), grid.png (one labelled row per class) and metrics.json, which
-    keeps the DP release apart from numbers computed on private data outside the mechanism."""
+    """samples.npz (x uint8, y); grid.png, one labelled row per class (unconditional: the first 100
+    images); metrics.json, which keeps the DP release apart from numbers computed on private data
+    outside the mechanism."""
+    from matplotlib.figure import Figure
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "samples.npz", x=x, y=y)
-    save_grid(out / "grid.png", x, y, cfg.dataset)
-    metrics = {"dp_release": {**report, "config": plain(cfg)},
-               "not_covered_by_dp": {"n_train": n_train, **times},
-               "sampler": plain(sc)}
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def save_grid(path, x, y, dataset, cols=10):
-    """One row per class, labelled (unconditional: the first 100 images)."""
-    from matplotlib.figure import Figure
-    names = CLASS_NAMES.get(dataset)
-    rows = [x[y == c][:cols] for c in range(10)] if names else [x[i:i + cols] for i in range(0, min(len(x), 100), cols)]
+    names, cols = CLASS_NAMES.get(cfg.dataset), 10
+    rows = ([x[y == c][:cols] for c in range(10)] if names
+            else [x[i:i + cols] for i in range(0, min(len(x), 100), cols)])
     rows = [np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1) for r in rows if len(r)]
     fig = Figure(figsize=(cols * 0.6 + 0.8, len(rows) * 0.6))
     ax = fig.add_axes([0.12 if names else 0.0, 0, 0.88 if names else 1.0, 1])
@@ -1021,10 +975,14 @@ def save_grid(path, x, y, dataset, cols=10):
     ax.set_xticks([])
     ax.set_yticks([x.shape[1] * (i + 0.5) for i in range(len(rows))] if names else [])
     ax.set_yticklabels(names[:len(rows)] if names else [], fontsize=8)
-    fig.savefig(path, dpi=100)
+    fig.savefig(out / "grid.png", dpi=100)
+    metrics = {"dp_release": {**report, "config": plain(cfg)},
+               "not_covered_by_dp": {"n_train": n_train, **times}, "sampler": plain(sc)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
-# ----------------------------------------------------------------------------- progress, Ctrl-C and the final summary
+# ----------------------------------------------------------------------------- progress, Ctrl-C, summary
 class Interrupted(Exception):
     def __init__(self, step, total, eps):
         super().__init__(f"interrupted at step {step}")
@@ -1082,34 +1040,29 @@ def print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_s
               "seed. Privacy guarantee void: noise seed known (recorded in the outputs).")
 
 
-def print_rate(what, done, total, elapsed):
-    print(f"{what} {done}/{total} | {elapsed / 60:.1f} min, {elapsed / done * (total - done) / 60:.1f} "
-          f"min left", flush=True)
-
-
-def print_progress(step, total, loss, eps, eps_target, seen, elapsed, start):
-    """The loss is a statistic of private data: watch it, never publish it."""
-    left = elapsed / (step - start) * (total - step)
-    print(f"step {step:5d}/{total} | loss {loss:.4f} | eps {eps:.3f}/{eps_target} | "
-          f"{seen / elapsed:6.0f} ex/s | {elapsed / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
+def print_progress(line, done, total, elapsed):
+    """`line`, then the minutes so far and left at this rate (done, total: counted since the start)."""
+    left = elapsed / done * (total - done)
+    print(f"{line} | {elapsed / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
 
 
 def print_summary(out, args, metrics, wall_s):
     r, t, ev = metrics["dp_release"], metrics["not_covered_by_dp"], metrics.get("evaluation", {})
-    acc = ev.get("downstream", {})
-    minutes = " + ".join(f"{k[:-7]} {t[k] / 60:.1f}" for k in ("train_time_s", "sample_time_s", "eval_time_s") if k in t)
+    minutes = " + ".join(f"{k[:-7]} {t[k] / 60:.1f}" for k in ("train_time_s", "sample_time_s", "eval_time_s")
+                         if k in t)
     print(f"\n==== summary: {r['config']['dataset']}, preset {args.preset} ====")
-    print(f"(eps, delta) = ({r['eps_spent']:.4f}, {r['delta']}) after {r['steps']}/{r['total_steps']} steps | "
-          f"noise multiplier {r['noise_multiplier']:.4f} | q {r['q']:.5g} | guarantee: {r['privacy_guarantee']}")
+    print(f"(eps, delta) = ({r['eps_spent']:.4f}, {r['delta']}) after {r['steps']}/{r['total_steps']} "
+          f"steps | noise multiplier {r['noise_multiplier']:.4f} | q {r['q']:.5g} | "
+          f"guarantee: {r['privacy_guarantee']}")
     print(f"wall time {wall_s / 60:.1f} min ({minutes} min)")
-    if acc:
+    if ev.get("downstream"):
         print("accuracy on the real test set, classifiers trained on samples: " + " | ".join(
-            f"{k} {v['test_acc'] * 100:.1f} %" for k, v in acc.items()))
+            f"{k} {v['test_acc'] * 100:.1f} %" for k, v in ev["downstream"].items()))
     if ev.get("fid") is not None:
         print(f"FID {ev['fid']:.2f} against the {ev['fid_reference']}")
     print("safe to publish: " + ", ".join(str(out / n) for n in (MODEL_FILE, "samples.npz", "grid.png")
                                           if (out / n).exists()))
-    print(f"outside the guarantee (publish with care): metrics.json's not_covered_by_dp and evaluation")
+    print("outside the guarantee (publish with care): metrics.json's not_covered_by_dp and evaluation")
     if not (args.sample_only or args.eval_only):
         print(f"PRIVATE, never share: {out / STATE_FILE} (the noise generator's state; --resume needs it)")
 
@@ -1134,7 +1087,7 @@ def init_distributed(args):
     return dist.get_rank()
 
 
-# ----------------------------------------------------------------------------- evaluation: FID and classifiers trained on samples (DPDM Sec. 5)
+# ----------------------------------------------------------------------------- evaluation (DPDM Sec. 5)
 # FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) of Inception-v3 pool features (Heusel et
 # al. 2017): the TF graph `inception-2015-12-05` in NVIDIA's TorchScript port (StyleGAN2-ADA
 # metrics; DPDM loads a pickle of the same port, which runs code when unpickled). sha256 as
@@ -1146,10 +1099,10 @@ INCEPTION_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), in float64 without scipy:
-    tr (S1 S2)^{1/2} = tr (S1^{1/2} S2 S1^{1/2})^{1/2} (same eigenvalues; the second matrix is
-    symmetric PSD, so `eigh` applies twice)."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2) in float64 without scipy, with
+    tr (S1 S2)^{1/2} = tr (S1^{1/2} S2 S1^{1/2})^{1/2}: both matrices are symmetric PSD (eigh)."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64)
+                        for a in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh((s1 + s1.T) / 2)
     sqrt_s1 = (v * w.clamp(min=0).sqrt()) @ v.T
     m = sqrt_s1 @ s2 @ sqrt_s1
@@ -1190,10 +1143,8 @@ def inception_features(detector, images, batch_size=250, device="cpu"):
     x = x[:, None] if x.ndim == 3 else x
     if x.dtype != torch.uint8 or x.shape[1] not in (1, 3):
         raise ValueError(f"FID expects uint8 images (N, 1|3, H, W); got {x.dtype} {tuple(x.shape)}")
-    feats = []
-    for i in range(0, len(x), batch_size):
-        b = x[i:i + batch_size].to(device)
-        feats.append(detector(b.repeat(1, 3 // b.shape[1], 1, 1), return_features=True).double().cpu())
+    feats = [detector(b.to(device).repeat(1, 3 // b.shape[1], 1, 1), return_features=True).double().cpu()
+             for b in x.split(batch_size)]
     return torch.cat(feats).numpy()
 
 
@@ -1252,9 +1203,8 @@ def as_inputs(x, y):
 def accuracy(model, x, y, batch_size=1000):
     x, y = as_inputs(x, y)
     model.eval()
-    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    return correct / len(x)
+    return sum((model(xb).argmax(1) == yb).sum().item()
+               for xb, yb in zip(x.split(batch_size), y.split(batch_size))) / len(x)
 
 
 def train_classifier(arch, x_train, y_train, x_val, y_val, epochs, batch_size=128, lr=3e-4, seed=0):
@@ -1270,14 +1220,13 @@ def train_classifier(arch, x_train, y_train, x_val, y_val, epochs, batch_size=12
     for epoch in range(1, epochs + 1):
         model.train()
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
-            loss.backward()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         val_acc = accuracy(model, x_val, y_val)
         best["curve"].append(val_acc)
         if val_acc > best["val_acc"]:
-            best.update(epoch=epoch, val_acc=val_acc, state={k: v.clone() for k, v in model.state_dict().items()})
+            best.update(epoch=epoch, val_acc=val_acc, state=copy.deepcopy(model.state_dict()))
     model.load_state_dict(best.pop("state"))
     return model.eval(), best
 
@@ -1291,9 +1240,8 @@ def split_generated(x, y, val_fraction=0.1, seed=0):
 
 
 def evaluate_downstream(train_xy, val_xy, test_xy, epochs, archs=CLASSIFIERS, seed=0, **train_kw):
-    """Accuracy on the real test set of each classifier trained on generated samples, at the
-    epoch chosen on other generated samples; the test set is read once, afterwards. One line
-    per classifier. `epochs`: an int or {arch: epochs}."""
+    """Real-test-set accuracy of each classifier trained on generated samples, at the epoch chosen
+    on other generated samples (the test set is read once, afterwards). epochs: int or {arch: int}."""
     results = {}
     for arch in archs:
         t0, n = time.time(), epochs[arch] if isinstance(epochs, dict) else epochs
@@ -1324,32 +1272,30 @@ def evaluate(ema, x, y, data, cfg, sc, args):
         ev["downstream_protocol"] = f"trained on {len(train_xy[0])} samples; epoch chosen on {how}"
     elif not args.fid:
         print("no labels (CelebA), hence no classifiers: add --fid for its FID")
-    if args.fid and data[args.fid_ref] is None:
+    if not args.fid:
+        return ev
+    if data[args.fid_ref] is None:
         raise UserError(f"{cfg.dataset} has no {args.fid_ref} split: use --fid-ref train")
-    if args.fid:
-        ref_name = "training set (private data, outside the DP guarantee)" if args.fid_ref == "train" else "test set"
-        try:
-            detector = load_inception(device=args.device)
-            real = ((data[args.fid_ref][0] + 1) * 127.5).round().to(torch.uint8).numpy()
-            ref = reference_stats(real, INCEPTION_CACHE / f"{cfg.dataset}_{args.fid_ref}_inception.npz",
-                                  detector, device=args.device)
-            ev["fid"] = compute_fid(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2), ref,
-                                    detector, device=args.device)
-        except RuntimeError as err:  # offline: keep the accuracies, say why FID is missing
-            print(f"FID skipped: {err}")
-            ev["fid"], ev["fid_error"] = None, str(err)
-        ev["fid_reference"] = ref_name
+    try:
+        detector = load_inception(device=args.device)
+        real = ((data[args.fid_ref][0] + 1) * 127.5).round().to(torch.uint8).numpy()
+        ref = reference_stats(real, INCEPTION_CACHE / f"{cfg.dataset}_{args.fid_ref}_inception.npz",
+                              detector, device=args.device)
+        ev["fid"] = compute_fid(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2), ref,
+                                detector, device=args.device)
+    except RuntimeError as err:  # offline: keep the accuracies, say why FID is missing
+        print(f"FID skipped: {err}")
+        ev["fid"], ev["fid_error"] = None, str(err)
+    ev["fid_reference"] = ("training set (private data, outside the DP guarantee)"
+                           if args.fid_ref == "train" else "test set")
     return ev
 
 
 # ----------------------------------------------------------------------------- command line
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line that says what to do, not the whole usage block
-        self.exit(2, f"error: {message}. See: python {Path(__file__).name} --help\n")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.error = lambda message: p.exit(  # one line that says what to do, not the whole usage block
+        2, f"error: {message}. See: python {Path(__file__).name} --help\n")
     p.add_argument("--preset", choices=list(PRESETS), type=str.lower,
                    help="default: gpu on CUDA, else cpu (see PRESETS in the code and the README)")
     p.add_argument("--out", help="output folder; default out/04_dpdm_mnist, or with --sample-only "
@@ -1372,13 +1318,15 @@ def parse_args(argv=None):
                    help="the paper's sampler setting for the run's dataset and eps (Table 1's rows)")
     p.add_argument("--insecure-noise-seed", type=int,
                    help="reproducible DP noise for tests and debugging: VOIDS the privacy guarantee")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is often fastest on a busy CPU)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is often fastest on a busy CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(Config) + fields(SamplerConfig):  # every field is a flag: --batch 512 --mults 1,2
-        kind = int if f.type is tuple else (str.lower if f.type is str else f.type)
+        kind = str.lower if f.type is str else f.type
+        if f.type is tuple:  # "1,2,2" -> (1, 2, 2)
+            kind = lambda s: tuple(int(v) for v in s.split(","))
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"],
-                       choices=f.metadata.get("choices"), metavar=f.name.upper(),
-                       type=(lambda s, k=kind: tuple(k(v) for v in s.split(","))) if f.type is tuple else kind)
+                       choices=f.metadata.get("choices"), metavar=f.name.upper(), type=kind)
     args = p.parse_args(argv)
     from_model = args.sample_only or args.eval_only
     args.preset = args.preset or (None if from_model else "gpu" if args.device.startswith("cuda") else "cpu")
@@ -1386,10 +1334,14 @@ def parse_args(argv=None):
     args.eval = args.eval or args.eval_only
     args.out = args.out or (str(Path(args.ckpt or ".").parent / "resampled") if from_model
                             else "out/04_dpdm_mnist")
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    given = {f.name: v for f in fields(Config) if (v := getattr(args, f.name)) is not None}
     per_dataset = DATASETS[given.get("dataset", "mnist")].paper if args.preset in ("paper", "gpu") else {}
     cfg = Config(**{**PRESETS[args.preset or "cpu"].train, **per_dataset, **given})
-    check_config(p, cfg)
+    for name, ok in (("clip", math.isfinite(cfg.clip) and cfg.clip > 0), ("batch", cfg.batch > 0),
+                     ("K", cfg.K > 0), ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0),
+                     ("lr", math.isfinite(cfg.lr) and cfg.lr > 0), ("chunk", cfg.chunk > 0)):
+        if not ok:  # values no run can use: one line each, before anything starts
+            p.error(f"--{name} must be a finite number > 0 (got {getattr(cfg, name)})")
     return args, cfg, None if from_model else sampler_config(args, cfg)
 
 
@@ -1403,23 +1355,9 @@ def sampler_config(args, cfg, saved=None):
     if setting:
         base, note = paper_sampler(cfg.dataset, cfg.eps, setting)
         print(f"sampler: the paper's '{setting}' setting for {cfg.dataset}{note}")
-    given = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
+    given = {f.name: v for f in fields(SamplerConfig) if (v := getattr(args, f.name)) is not None}
     extra = {"num_samples": 60_000} if args.preset == "paper" and not saved else {}
     return SamplerConfig(**{**base, **extra, **given})
-
-
-def sampler_text(sc):
-    churn = f", S_churn {sc.s_churn}, S_min {sc.s_min}, S_max {sc.s_max}" if sc.sampler == "churn" else ""
-    return f"{sc.sampler}, {sc.sample_steps} steps{churn}, guidance {sc.guidance}"
-
-
-def check_config(p, cfg):
-    """Values no run can use: one line each, before anything starts."""
-    for name, ok in (("clip", math.isfinite(cfg.clip) and cfg.clip > 0), ("batch", cfg.batch > 0),
-                     ("K", cfg.K > 0), ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0),
-                     ("lr", math.isfinite(cfg.lr) and cfg.lr > 0), ("chunk", cfg.chunk > 0)):
-        if not ok:
-            p.error(f"--{name.replace('_', '-')} must be a finite number > 0 (got {getattr(cfg, name)})")
 
 
 if __name__ == "__main__":
