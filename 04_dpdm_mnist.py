@@ -16,7 +16,6 @@ torchrun, evaluation (FID; classifiers trained on samples, tested on real data),
 Chapters 01-03 teach each piece alone; this file repeats what it needs so that it runs alone.
 """
 import argparse
-import contextlib
 import copy
 import functools
 import gzip
@@ -301,6 +300,9 @@ def add_dp_noise(summed, noise_multiplier, C, generator):
             for k, s in summed.items()}
 
 
+BF16_ON_GPU = True  # the network's forward and backward passes in bf16 on a GPU (fp32: False)
+
+
 def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size, generator,
                      chunk_size=None):
     """g = (sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info {"norms", "losses"}
@@ -315,9 +317,8 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
     first, last, step = rank * share, min(b, (rank + 1) * share), chunk_size or max(b, 1)
     summed = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in model.named_parameters()}
     norms, losses = [torch.zeros(0, device=batch[0].device)], [torch.zeros(0, device=batch[0].device)]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if batch[0].is_cuda else contextlib.nullcontext()
     for i in range(first, last, step):  # an empty batch skips the loop: a noise-only step
-        with amp:
+        with torch.autocast("cuda", torch.bfloat16, enabled=BF16_ON_GPU and batch[0].is_cuda):
             grads, loss = per_example_grads(model, loss_fn, *[t[i:min(i + step, last)] for t in batch])
         grads = {k: g.float() for k, g in grads.items()}
         norms.append(per_example_norms(grads))
@@ -442,7 +443,7 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
                                expected_batch_size=q * n, generator=gen, chunk_size=cfg.chunk)
             step += 1  # the accountant counts every step that released a noisy gradient
             ema_update(ema, model, step, cfg.ema)
-            loss, seen = info["losses"].mean().item() if len(idx) else 0.0, seen + len(idx)
+            loss, seen = info["losses"].mean().item() if len(info["losses"]) else 0.0, seen + len(idx)
             if not math.isfinite(loss):
                 raise UserError(f"the training loss became {loss} at step {step}: stopped, nothing "
                                 f"new saved. Lower --lr (now {cfg.lr}) and start again.")
