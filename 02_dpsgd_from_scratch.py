@@ -251,7 +251,7 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
         raise ValueError(f"expected_batch_size = qN must be > 0, got {expected_batch_size}")
     summed = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
     B, step = batch[0].shape[0], chunk_size or max(batch[0].shape[0], 1)
-    norms, losses = [torch.zeros(0)], [torch.zeros(0)]
+    norms, losses = [], []
     for start in range(0, B, step):  # an empty batch skips this loop: a noise-only step
         grads, loss = per_example_grads(model, loss_fn, *[t[start:start + step] for t in batch])
         norms.append(per_example_norms(grads))
@@ -263,7 +263,8 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
     # who was sampled, so it is private itself, and dividing by it would make one example
     # change the denominator too, leaving the sensitivity-C analysis of the sum (it can be 0).
     grads = {k: g / expected_batch_size for k, g in noisy.items()}
-    return grads, {"norms": torch.cat(norms[1:] or norms), "losses": torch.cat(losses[1:] or losses)}
+    cat = lambda chunks: torch.cat(chunks) if chunks else torch.zeros(0)
+    return grads, {"norms": cat(norms), "losses": cat(losses)}
 
 
 def dp_sgd_step(model, optimizer, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
@@ -318,6 +319,7 @@ def plot_clipping_and_noise(args, models, x, gen):
     sizes = [2**i for i in range(int(math.log2(x.shape[0])) + 1)]
     signal = [clipped[:b].sum(0).norm().item() for b in sizes]
     zeros = {"all": torch.zeros(clipped.shape[1])}
+    # an illustration from the public generator: nothing trained or released depends on this draw
     noise = add_dp_noise(zeros, args.noise_multiplier, args.clip, gen)["all"].norm().item()
     print(f"   {clipped.shape[1]} parameters: noise norm {noise:.1f} (sigma_DP C sqrt(P) = "
           f"{args.noise_multiplier * args.clip * clipped.shape[1] ** 0.5:.1f}); signal norm "
