@@ -465,7 +465,7 @@ def start(cmd):
 def test_ctrl_c_saves_the_last_step_and_says_how_to_continue(tmp_path):
     data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "04_dpdm_mnist.py"), "--preset", "smoke", "--data-dir", str(data),
-           "--unverified", "--out", str(out), "--epochs", "40", "--ckpt-every", "1000"]
+           "--unverified", "--out", str(out), "--epochs", "10", "--ckpt-every", "1000"]
     proc = start(cmd)
     for line in proc.stdout:  # wait for the first step
         if line.startswith("step"):
@@ -475,20 +475,20 @@ def test_ctrl_c_saves_the_last_step_and_says_how_to_continue(tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "continue with: python 04_dpdm_mnist.py" in stderr
     step = torch.load(out / m.STATE_FILE, weights_only=True)["steps"]
-    assert 1 <= step < 120 and f"interrupted at step {step}/120" in stderr  # saved at the step it stopped
+    assert 1 <= step < 30 and f"interrupted at step {step}/30" in stderr  # saved at the step it stopped
     again = stderr.split("continue with: ")[1].split()
     assert again[-1] == "--resume" and again[2:-1] == cmd[2:]  # the user's own flags
     subprocess.run([sys.executable, str(ROOT / again[1]), *again[2:]], check=True, capture_output=True, timeout=300)
     r = metrics(out)["dp_release"]
-    assert r["steps"] == 120
-    assert r["eps_spent"] == pytest.approx(m.epsilon_rdp(r["q"], r["noise_multiplier"], 120, r["delta"]), rel=1e-12)
+    assert r["steps"] == 30
+    assert r["eps_spent"] == pytest.approx(m.epsilon_rdp(r["q"], r["noise_multiplier"], 30, r["delta"]), rel=1e-12)
 
 
 def test_resume_after_sigkill(tmp_path):
     data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "04_dpdm_mnist.py"), "--preset", "smoke", "--data-dir",
-           str(data), "--unverified", "--out", str(out), "--epochs", "25", "--ckpt-every", "3"]
-    total = 25 * math.ceil(N_TRAIN / 32)
+           str(data), "--unverified", "--out", str(out), "--epochs", "12", "--ckpt-every", "3"]
+    total = 12 * math.ceil(N_TRAIN / 32)
     proc = start(cmd)
     try:
         for line in proc.stdout:
