@@ -307,14 +307,17 @@ def main(argv=None):
              f"floor ({args.num_samples} real training images): {floor:.2f}.", "",
              "| run | K | batch (q) | steps | noise multiplier | compute (K x B x steps) | train time | LogReg / MLP / CNN (%) | FD-proxy |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for n in skipped:
-        lines.append(f"| ({n[0]}) same steps and batch | {n.split('K')[1]} | {args.batch} | | | | not run (--max-units) | | |")
-    for name in sorted(results, key=lambda n: (n[0], runs.get(n, (0, 0, 1))[2])):
-        r = results[name]
+    rows = {n: None for n in skipped}
+    rows.update(results)
+    for name in sorted(rows, key=lambda n: (n[0], int(n.split("K")[1]))):
+        r = rows[name]
+        what = "same steps and batch" if name[0] == "a" else "same steps and compute"
+        if r is None:
+            lines.append(f"| ({name[0]}) {what} | {name.split('K')[1]} | {args.batch} | | | | not run (--max-units) | | |")
+            continue
         comp = (r["K"] or 0) * (r["batch"] or 0) * (r["steps"] or 0)
-        lines.append(f"| ({name[0]}) {'same steps and batch' if name[0] == 'a' else 'same steps and compute'} | "
-                     f"{r['K']} | {r['batch']} ({fmt(r['q'], '.4g')}) | {r['steps']} | {fmt(r['noise_multiplier'], '.3f')} | "
-                     f"{comp / 1e6:.2f}M | {fmt((r['train_s'] or 0) / 60)} min | "
+        lines.append(f"| ({name[0]}) {what} | {r['K']} | {r['batch']} ({fmt(r['q'], '.4g')}) | {r['steps']} | "
+                     f"{fmt(r['noise_multiplier'], '.3f')} | {comp / 1e3:,.0f}k | {fmt((r['train_s'] or 0) / 60)} min | "
                      f"{fmt(r['logreg'])} / {fmt(r['mlp'])} / {fmt(r['cnn'])} | {r['fd_proxy']:.2f} |")
     lines += ["", f"(c) one trained model (a, K = {min(args.ks)}), sampled again with --eval-only:", "",
               "| sampler | sampling time | LogReg / MLP / CNN (%) | FD-proxy |", "|---|---|---|---|"]
@@ -355,7 +358,9 @@ def plot(args, results, sampled, floor):
     lo = min([sampled[n]["cnn"] or 0 for n in names] + [100])
     ax[2].set_ylim(max(0, lo - 10), 100)
     ax[2].set_title(f"(c) samplers, one model: CNN accuracy (%)", fontsize=10)
-    fig.suptitle(f"DPDM ablations at eps = {args.eps}" + (" (QUICK: synthetic data)" if args.quick else " on MNIST"), fontsize=11)
+    fig.suptitle(f"DPDM ablations at eps = {args.eps}" + (" (QUICK: synthetic data)" if args.quick else " on MNIST") +
+                 f": base batch {args.batch}, {args.epochs:g} epochs, {args.num_samples} samples, classifiers "
+                 f"{args.eval_epochs} epochs; FD-proxy is not the paper's FID", fontsize=10)
     fig.tight_layout()
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
