@@ -445,7 +445,7 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
             step += 1  # the accountant counts every step that released a noisy gradient
             ema_update(ema, model, step, cfg.ema)
             loss, seen = info["losses"].mean().item() if len(info["losses"]) else 0.0, seen + len(idx)
-            if not math.isfinite(loss):
+            if any_rank(not math.isfinite(loss), device):  # DIST: all processes stop together
                 raise UserError(f"the training loss became {loss} at step {step}: stopped, nothing "
                                 f"new saved. Lower --lr (now {cfg.lr}) and start again.")
             stopping = stop.requested_on_any_rank(device)
@@ -1010,11 +1010,7 @@ class StopRequest:
         print("\nstopping after this step (Ctrl-C again to stop at once) ...", flush=True)
 
     def requested_on_any_rank(self, device):
-        if world()[1] == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)  # DIST: stop together
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, device)
 
     def __exit__(self, *exc):
         for s, handler in self.old.items():
@@ -1070,6 +1066,15 @@ def print_summary(out, args, metrics, wall_s):
 
 
 # ----------------------------------------------------------------------------- torchrun
+def any_rank(flag, device):
+    """DIST: True on every process if it is True on any (so that all stop together)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def world():
     """DIST: (rank, number of processes); (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
