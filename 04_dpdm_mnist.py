@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePath
 
 import numpy as np

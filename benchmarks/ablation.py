@@ -29,8 +29,6 @@ the 04 file to drive (default: the one beside benchmarks/).
 import argparse
 import gzip
 import json
-import math
-import os
 import subprocess
 import sys
 import time
@@ -357,7 +355,7 @@ def plot(args, results, sampled, floor):
     ax[2].set_xticks(range(len(names)), names, rotation=20, fontsize=8, ha="right")
     lo = min([sampled[n]["cnn"] or 0 for n in names] + [100])
     ax[2].set_ylim(max(0, lo - 10), 100)
-    ax[2].set_title(f"(c) samplers, one model: CNN accuracy (%)", fontsize=10)
+    ax[2].set_title("(c) samplers, one model: CNN accuracy (%)", fontsize=10)
     fig.suptitle(f"DPDM ablations at eps = {args.eps}" + (" (QUICK: synthetic data)" if args.quick else " on MNIST") +
                  f": base batch {args.batch}, {args.epochs:g} epochs, {args.num_samples} samples, classifiers "
                  f"{args.eval_epochs} epochs; FD-proxy is not the paper's FID", fontsize=10)

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import platform
 import signal
 import subprocess

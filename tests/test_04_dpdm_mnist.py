@@ -7,11 +7,9 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
