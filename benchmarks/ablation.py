@@ -1,4 +1,5 @@
-"""Ablations of chapter 04 (DPDM Sec. 5.2-5.3 at laptop scale): noise multiplicity K and the sampler.
+"""Ablations of chapter 04 (DPDM Sec. 5.2-5.3 at laptop scale): noise multiplicity K, the sampler,
+and (--sweep) quality against eps, DPDM's Table 1 as a curve.
 
 Regenerates the README's ablation table (out/ablation.md) and figures/04_ablation.png:
   (a) K in {1, 4, 16} at the same eps, batch and number of steps (compute grows with K);
@@ -6,6 +7,9 @@ Regenerates the README's ablation table (out/ablation.md) and figures/04_ablatio
       (batch B/K; the DP noise multiplier changes with q = 1/ceil(N/batch));
   (c) deterministic vs stochastic sampling of ONE trained model (the K = 1 model of (a)), by
       `--eval-only` (sampling is post-processing: no privacy cost).
+With --sweep, the privacy-utility sweep instead (out/sweep/sweep.md, figures/04_privacy_utility.png):
+at each eps in {0.2, 1, 10}, K = 1 and K = 4 at the same batch and steps, and K = 1 with 4x the
+steps (the compute of K = 4), each with its noise multiplier calibrated to that eps and run.
 Every run is `python 04_dpdm_mnist.py ... --out DIR` in a subprocess and every number is read
 back from that run's metrics.json by one tolerant helper (`lookup`): 04's internals may change.
 
@@ -17,11 +21,16 @@ Inception FID. The table also gives its floor: as many real training images vs t
 
     python benchmarks/ablation.py --quick              # < 1 min: smoke preset, tiny synthetic data (a test)
     python benchmarks/ablation.py --data-dir DIR       # full: real MNIST, two 1-thread 04 processes at a time
+    python benchmarks/ablation.py --sweep --data-dir DIR  # the sweep: 9 runs, ~70 min on 2 cores
 
 Full mode: the cpu preset's model and sampler at batch 500 (q = 1/120) for 2 epochs = 240 steps,
 eps = 10, 5,000 samples per run, classifiers 15 epochs. (a) costs 1 + 4 + 16 units of 120k
-per-example gradients (K = 16 alone: ~2M, about 40 min at the ~830 per-example gradients/s of
-one quiet core), (b) 1 unit each; with (c) about an hour with --jobs 2 on a 2-core machine.
+per-example gradients (K = 16 alone: ~2M, 40-65 min at the 520-830 per-example gradients/s
+of one core, depending on the machine), (b) 1 unit each; with (c) about an hour with --jobs 2 on a 2-core machine.
+Sweep: the `cpu` preset's model and sampler at batch 250 (q = 1/240) for 2 epochs = 480 steps
+(units of 120k per-example gradients: 1 + 4 + 4 per eps, 27 in all); the K = 1, 4x-steps run at
+eps = 10 trains exactly as the `cpu` preset (1,920 steps). The paper's Table 1 (MNIST) is drawn
+beside as markers.
 Reduced runs: --ks, --batch, --epochs, --max-units (skip the most expensive (a) runs). A finished
 run (its metrics.json has accuracies) is reused: delete its folder to redo it. --script chooses
 the 04 file to drive (default: the one beside benchmarks/).
@@ -148,7 +157,7 @@ def train_proxy(x, y, path, epochs):
             net.load_state_dict(ck["state"])
             return net.eval()
     torch.manual_seed(0)
-    net, xs, ys = proxy_cnn(), as_float(x), torch.as_tensor(y).long()
+    net, xs, ys = proxy_cnn(), as_float(x), torch.as_tensor(np.array(y)).long()
     opt, gen = torch.optim.Adam(net.parameters(), 1e-3), torch.Generator().manual_seed(0)
     for _ in range(epochs):
         for idx in torch.randperm(len(xs), generator=gen).split(128):
@@ -182,7 +191,7 @@ def run_04(args, out, flags, log):
     done = read_metrics(out)
     if done and done["cnn"] is not None:
         return done
-    cmd = [sys.executable, str(args.script), "--eps", str(args.eps), "--out", str(out), "--threads", "1",
+    cmd = [sys.executable, str(args.script), "--out", str(out), "--threads", "1",
            "--data-dir", str(args.data_dir), "--overwrite", *(["--unverified"] if args.quick else []), *flags]
     log(" ".join(cmd[1:]))
     t0 = time.time()
@@ -198,49 +207,74 @@ def run_04(args, out, flags, log):
 
 def plan(args):
     """{name: (flags, group, K)} of the training runs: (a) same batch and steps, (b) same compute."""
-    common = ["--preset", "smoke" if args.quick else "cpu", "--num-samples", str(args.num_samples),
-              "--eval", "--eval-epochs", str(args.eval_epochs), *args.sampler_args]
     runs = {}
     for K in args.ks:
-        chunk = str(args.batch if args.quick else max(8, args.chunk // K))
-        runs[f"a_K{K}"] = ([*common, "--K", str(K), "--batch", str(args.batch), "--epochs", str(args.epochs),
-                            "--chunk", chunk], "a", K)
+        runs[f"a_K{K}"] = (training_flags(args, args.eps, K, args.batch, args.epochs), "a", K)
         if K > 1:  # same steps: batch/K and epochs/K; K x batch x steps = batch x steps of K = 1
             b = max(1, round(args.batch / K))
-            runs[f"b_K{K}"] = ([*common, "--K", str(K), "--batch", str(b), "--epochs", str(args.epochs * b / args.batch),
-                                "--chunk", chunk], "b", K)
+            runs[f"b_K{K}"] = (training_flags(args, args.eps, K, b, args.epochs * b / args.batch), "b", K)
+    return runs
+
+
+def training_flags(args, eps, K, batch, epochs):
+    """04's flags of one training run at the preset's model and sampler."""
+    chunk = batch if args.quick else max(8, args.chunk // K)
+    return ["--preset", "smoke" if args.quick else "cpu", "--num-samples", str(args.num_samples),
+            "--eval", "--eval-epochs", str(args.eval_epochs), *args.sampler_args, "--eps", str(eps),
+            "--K", str(K), "--batch", str(batch), "--epochs", f"{epochs:g}", "--chunk", str(chunk)]
+
+
+def plan_sweep(args):
+    """{name: (flags, eps, K, steps factor)} of the privacy-utility sweep: at each eps, every K at
+    the same batch and steps, and K = 1 with K times the steps (the compute of K)."""
+    runs = {}
+    for eps in args.eps_list:
+        for K in args.ks:
+            runs[f"eps{eps:g}_K{K}"] = (training_flags(args, eps, K, args.batch, args.epochs), eps, K, 1)
+            if K > 1:
+                runs[f"eps{eps:g}_K1_x{K}"] = (training_flags(args, eps, 1, args.batch, K * args.epochs), eps, 1, K)
     return runs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke preset on tiny synthetic data (< 1 min)")
+    p.add_argument("--sweep", action="store_true", help="the privacy-utility sweep (eps x K) instead of "
+                   "the ablations (a)-(c)")
     p.add_argument("--data-dir", help="MNIST IDX files (full mode)")
-    p.add_argument("--out", help="default out/ablation (quick: out/ablation_quick)")
-    p.add_argument("--figure", help="default figures/04_ablation.png (quick: OUT/04_ablation.png)")
+    p.add_argument("--out", help="default out/ablation or out/sweep (quick: ..._quick)")
+    p.add_argument("--figure", help="default figures/04_ablation.png or figures/04_privacy_utility.png "
+                   "(quick: in OUT)")
     p.add_argument("--script", default=str(SCRIPT), help="the 04 script to drive")
     p.add_argument("--jobs", type=int, default=2, help="04 processes at a time (one thread each)")
-    p.add_argument("--eps", type=float, default=10.0)
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--batch", type=int, help="batch of (a) and of K = 1 (full 500, quick 32)")
-    p.add_argument("--epochs", type=float, help="epochs of (a) (full 2 = 240 steps at batch 500; quick 1)")
+    p.add_argument("--eps", type=float, default=10.0, help="eps of the ablations")
+    p.add_argument("--eps-list", type=float, nargs="+", default=[0.2, 1, 10], help="eps values of the sweep")
+    p.add_argument("--ks", type=int, nargs="+", help="noise multiplicities (ablations 1 4 16, sweep 1 4)")
+    p.add_argument("--batch", type=int, help="batch of (a), of K = 1 and of the sweep (full: ablations 500, "
+                   "sweep 250; quick 32)")
+    p.add_argument("--epochs", type=float, help="epochs of (a) and of the sweep's equal-steps runs (full 2: "
+                   "240 steps at batch 500, 480 at 250; quick 1)")
     p.add_argument("--num-samples", type=int, help="samples per run (full 5000, quick 20)")
     p.add_argument("--eval-epochs", type=int, help="classifier epochs (full 15, quick 1)")
     p.add_argument("--max-units", type=float, help="skip (a) runs costing more than this many times the "
                    "K = 1 run (reduced runs; the table says 'not run')")
-    p.add_argument("--chunk", type=int, default=250, help="examples x K per vmap call budget")
+    p.add_argument("--chunk", type=int, default=320, help="examples x K per vmap call (320: one call for "
+                   "a Poisson batch of 250, whose standard deviation is 16)")
     p.add_argument("--sampler-args", nargs=argparse.REMAINDER, default=None,
                    help="04 sampler flags of the training runs (default: the preset's sampler)")
     a = p.parse_args(argv)
-    full = dict(batch=500, epochs=2.0, num_samples=5000, eval_epochs=15)
+    full = dict(batch=250 if a.sweep else 500, epochs=2.0, num_samples=5000, eval_epochs=15)
     quick = dict(batch=32, epochs=1.0, num_samples=20, eval_epochs=1)
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.ks = a.ks or ([1, 4] if a.sweep else [1, 4, 16])
     if a.sampler_args is None:  # the training runs sample with the preset's sampler
         a.sampler_args = ["--sample-steps", "4"] if a.quick else []
-    a.out = Path(a.out or ROOT / "out" / ("ablation_quick" if a.quick else "ablation"))
-    a.figure = Path(a.figure or (a.out / "04_ablation.png" if a.quick else ROOT / "figures" / "04_ablation.png"))
+    a.name = "sweep" if a.sweep else "ablation"
+    a.out = Path(a.out or ROOT / "out" / (a.name + ("_quick" if a.quick else "")))
+    png = "04_privacy_utility.png" if a.sweep else "04_ablation.png"
+    a.figure = Path(a.figure or (a.out / png if a.quick else ROOT / "figures" / png))
     if a.quick:
         a.data_dir = make_synthetic(a.out / "data")
     elif not a.data_dir:
@@ -258,7 +292,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    log = lambda s: print(f"[{(time.time() - t_start) / 60:5.1f} min] {s}", flush=True)
+    log = lambda s: sys.stdout.write(f"[{(time.time() - t_start) / 60:5.1f} min] {s}\n") and sys.stdout.flush()
 
     # the Frechet proxy's network and the real test statistics (also the real-data floor)
     xtr, ytr = read_idx(args.data_dir, IDX[0]), read_idx(args.data_dir, IDX[1])
@@ -272,16 +306,61 @@ def main(argv=None):
         z = np.load(Path(run_dir) / "samples.npz")
         return frechet(proxy_stats(net, z["x"]), test_stats)
 
-    # (a) and (b): training runs, --jobs at a time, the most expensive first
+    table = (sweep if args.sweep else ablation)(args, fd, floor, log)
+    print(table)
+    log(f"wrote {args.out / args.name}.md, {args.out / args.name}.json, {args.figure}")
+
+
+def run_all(args, runs, log):
+    """{name: numbers} of run_04 over {name: (out dir, flags, cost)}, --jobs at a time, the most
+    expensive first (so that the last to finish is a cheap one)."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {n: pool.submit(run_04, args, out, flags, log)
+                   for n, (out, flags, cost) in sorted(runs.items(), key=lambda kv: -kv[1][2])}
+        return {n: f.result() for n, f in futures.items()}
+
+
+def sweep(args, fd, floor, log):
+    """The privacy-utility sweep: table OUT/sweep.md (+ .json) and the figure; returns the table."""
+    runs = plan_sweep(args)
+    results = run_all(args, {n: (args.out / n, flags, K * f) for n, (flags, eps, K, f) in runs.items()}, log)
+    results = {n: results[n] for n in runs}  # plan order: by eps, then K
+    for n, r in results.items():
+        r["fd_proxy"], r["eps_target"], r["label"] = fd(args.out / n), runs[n][1], sweep_label(runs[n][2], runs[n][3])
+    lines = [f"Privacy-utility sweep ({'QUICK: smoke preset on synthetic data, numbers meaningless' if args.quick else 'real MNIST'}): "
+             f"the `{'smoke' if args.quick else 'cpu'}` preset's model and sampler, batch {args.batch}, {args.epochs:g} epochs "
+             f"(x K for the equal-compute rows), delta 1e-5; {args.num_samples} samples per run, classifiers "
+             f"{args.eval_epochs} epochs; one run per row. FD-proxy: Frechet distance of small-CNN features to the "
+             f"real test set (a proxy, not the paper's Inception FID); floor ({args.num_samples} real training "
+             f"images): {floor:.2f}.", "",
+             "| eps (target) | eps spent (accountant) | run | K | steps | noise multiplier | compute (K x B x steps) | "
+             "train time | LogReg / MLP / CNN (%) | FD-proxy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        lines.append(f"| {r['eps_target']:g} | {fmt(r['eps'], '.4f')} | {r['label']} | {r['K']} | {r['steps']} | "
+                     f"{fmt(r['noise_multiplier'], '.3f')} | {r['K'] * r['batch'] * r['steps'] / 1e3:,.0f}k | "
+                     f"{fmt((r['train_s'] or 0) / 60)} min | {fmt(r['logreg'])} / {fmt(r['mlp'])} / {fmt(r['cnn'])} | "
+                     f"{r['fd_proxy']:.2f} |")
+    table = "\n".join(lines)
+    (args.out / "sweep.md").write_text(table + "\n")
+    (args.out / "sweep.json").write_text(json.dumps({"runs": results, "fd_floor": floor,
+                                                      "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    plot_sweep(args, results)
+    return table
+
+
+def sweep_label(K, steps_factor):
+    return f"K = 1, {steps_factor}x steps (compute of K = {steps_factor})" if steps_factor > 1 else f"K = {K}"
+
+
+def ablation(args, fd, floor, log):
+    """(a), (b) and (c): table OUT/ablation.md (+ .json) and the figure; returns the table."""
     runs = plan(args)
     skipped = [n for n in runs if args.max_units and n.startswith("a") and runs[n][2] > args.max_units]
     for n in skipped:
         log(f"skipping {n} (--max-units {args.max_units})")
         del runs[n]
-    order = sorted(runs, key=lambda n: -runs[n][2] * (args.batch if n.startswith("a") else args.batch / runs[n][2]))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {n: pool.submit(run_04, args, args.out / n, runs[n][0], log) for n in order}
-        results = {n: f.result() for n, f in futures.items()}
+    cost = lambda n: runs[n][2] * (1 if n.startswith("a") else 1 / runs[n][2])
+    results = run_all(args, {n: (args.out / n, runs[n][0], cost(n)) for n in runs}, log)
     # the K = 1 run is shared by (a) and (b)
     results["b_K1"] = results[f"a_K{min(args.ks)}"]
     # (c): samplers on the model of a_K1
@@ -289,10 +368,9 @@ def main(argv=None):
     samplers = QUICK_SAMPLERS if args.quick else SAMPLERS
     common = ["--eval-only", "--ckpt", str(model), "--num-samples", str(args.num_samples),
               "--eval-epochs", str(args.eval_epochs)]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {s: pool.submit(run_04, args, args.out / f"c_{i}", [*common, *flags], log)
-                   for i, (s, flags) in enumerate(samplers.items())}
-        sampled = {s: f.result() for s, f in futures.items()}
+    sampled = run_all(args, {s: (args.out / f"c_{i}", [*common, *flags], 1)
+                             for i, (s, flags) in enumerate(samplers.items())}, log)
+    sampled = {s: sampled[s] for s in samplers}
     for name, r in list(results.items()):
         r["fd_proxy"] = fd(args.out / (name if name != "b_K1" else f"a_K{min(args.ks)}"))
     for i, (s, r) in enumerate(sampled.items()):
@@ -327,8 +405,7 @@ def main(argv=None):
     (args.out / "ablation.json").write_text(json.dumps({"runs": results, "samplers": sampled, "fd_floor": floor,
                                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     plot(args, results, sampled, floor)
-    print(table)
-    log(f"wrote {args.out / 'ablation.md'}, {args.out / 'ablation.json'}, {args.figure}")
+    return table
 
 
 def plot(args, results, sampled, floor):
@@ -359,6 +436,45 @@ def plot(args, results, sampled, floor):
     fig.suptitle(f"DPDM ablations at eps = {args.eps}" + (" (QUICK: synthetic data)" if args.quick else " on MNIST") +
                  f": base batch {args.batch}, {args.epochs:g} epochs, {args.num_samples} samples, classifiers "
                  f"{args.eval_epochs} epochs; FD-proxy is not the paper's FID", fontsize=10)
+    fig.tight_layout()
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=120)
+
+
+# DPDM's Table 1, MNIST, delta 1e-5 (paper; also dpdm_facts): CNN accuracy (%) of the "Acc" sampler
+# setting and FID of the "FID" setting, at eps 0.2 / 1 / 10; 1.75M-parameter U-Net, K = 32, batch
+# 4,096 (a third-party rerun of one such model took ~13 h on 4 A100s, i.e. ~50 GPU-hours).
+PAPER_MNIST = {"eps": (0.2, 1, 10), "cnn": (86.3, 95.3, 98.1), "fid": (61.9, 23.4, 5.01)}
+
+
+def plot_sweep(args, results):
+    """CNN accuracy and FD-proxy against eps (log axis), one line per run kind, paper markers beside."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.9))
+    paper = "paper (1.75M-param U-Net, ~50 GPU-hours)"
+    for label in dict.fromkeys(r["label"] for r in results.values()):
+        rs = sorted((r for r in results.values() if r["label"] == label), key=lambda r: r["eps_target"])
+        style = "s--" if "steps" in label else "o-"
+        ax[0].plot([r["eps"] for r in rs], [r["cnn"] for r in rs], style, label=label)
+        ax[1].plot([r["eps"] for r in rs], [r["fd_proxy"] for r in rs], style, label=label)
+    ax[0].plot(PAPER_MNIST["eps"], PAPER_MNIST["cnn"], "k*", ms=10, label=paper + ", Acc setting")
+    twin = ax[1].twinx()  # the paper's Inception FID is on another scale: its own axis
+    twin.plot(PAPER_MNIST["eps"], PAPER_MNIST["fid"], "k*", ms=10, label=paper + ", FID (right axis)")
+    twin.set_ylabel("paper's Inception FID", fontsize=9)
+    for a, t in ((ax[0], "CNN accuracy on the real test set (%)"), (ax[1], "FD-proxy (lower is better)")):
+        a.set_xscale("log")
+        a.set_xticks(PAPER_MNIST["eps"], [f"{e:g}" for e in PAPER_MNIST["eps"]])
+        a.set_xlabel("epsilon (delta = 1e-5), as the accountant reports it")
+        a.set_title(t, fontsize=10)
+    ax[0].legend(fontsize=7)
+    handles = ax[1].get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax[1].legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7)
+    fig.suptitle(f"Privacy-utility on {'synthetic data (QUICK)' if args.quick else 'MNIST'}: the "
+                 f"`{'smoke' if args.quick else 'cpu'}` preset's model, batch {args.batch}, {args.epochs:g} epochs, "
+                 f"{args.num_samples} samples, one run per point; FD-proxy is not the paper's FID", fontsize=9)
     fig.tight_layout()
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
