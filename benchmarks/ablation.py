@@ -21,7 +21,7 @@ Inception FID. The table also gives its floor: as many real training images vs t
 
     python benchmarks/ablation.py --quick              # < 1 min: smoke preset, tiny synthetic data (a test)
     python benchmarks/ablation.py --data-dir DIR       # full: real MNIST, two 1-thread 04 processes at a time
-    python benchmarks/ablation.py --sweep --data-dir DIR  # the sweep: 9 runs, ~70 min on 2 cores
+    python benchmarks/ablation.py --sweep --data-dir DIR  # the sweep: 9 runs, 59 min on 2 cores
 
 Full mode: the cpu preset's model and sampler at batch 500 (q = 1/120) for 2 epochs = 240 steps,
 eps = 10, 5,000 samples per run, classifiers 15 epochs. (a) costs 1 + 4 + 16 units of 120k
@@ -292,7 +292,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    log = lambda s: sys.stdout.write(f"[{(time.time() - t_start) / 60:5.1f} min] {s}\n") and sys.stdout.flush()
+
+    def log(s):  # one write per line, so that the lines of parallel runs do not interleave
+        sys.stdout.write(f"[{(time.time() - t_start) / 60:5.1f} min] {s}\n")
+        sys.stdout.flush()
 
     # the Frechet proxy's network and the real test statistics (also the real-data floor)
     xtr, ytr = read_idx(args.data_dir, IDX[0]), read_idx(args.data_dir, IDX[1])
@@ -359,7 +362,7 @@ def ablation(args, fd, floor, log):
     for n in skipped:
         log(f"skipping {n} (--max-units {args.max_units})")
         del runs[n]
-    cost = lambda n: runs[n][2] * (1 if n.startswith("a") else 1 / runs[n][2])
+    cost = lambda n: runs[n][2] if n.startswith("a") else 1  # (b): K x batch/K, one unit each
     results = run_all(args, {n: (args.out / n, runs[n][0], cost(n)) for n in runs}, log)
     # the K = 1 run is shared by (a) and (b)
     results["b_K1"] = results[f"a_K{min(args.ks)}"]
