@@ -18,6 +18,8 @@ Frechet distance between Gaussians fitted to the 128-d penultimate features of a
 trained once on the real training images (cached in OUT/proxy_cnn.pt), generated samples vs the
 real test set. It is a proxy for sample quality on MNIST only, NOT comparable with the paper's
 Inception FID. The table also gives its floor: as many real training images vs the test set.
+The proxy's network and floor use the private training images outside the DP mechanism: the
+FD-proxy is outside the privacy guarantee (a yardstick for the method, not a release).
 
     python benchmarks/ablation.py --quick              # < 1 min: smoke preset, tiny synthetic data (a test)
     python benchmarks/ablation.py --data-dir DIR       # full: real MNIST, two 1-thread 04 processes at a time
