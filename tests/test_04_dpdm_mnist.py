@@ -103,6 +103,18 @@ def test_resuming_a_finished_run_keeps_its_training_time(smoke_run, tmp_path):
         first["not_covered_by_dp"]["train_time_s"], abs=0.5)
 
 
+def test_a_state_written_before_an_option_existed_resumes_with_its_default(smoke_run, tmp_path):
+    data, out = smoke_run
+    run = copy_run(out, tmp_path / "run")
+    state = torch.load(run / m.STATE_FILE, weights_only=True)
+    del state["config"]["noise_channels"]  # as written before --noise-channels existed
+    torch.save(state, run / m.STATE_FILE)
+    smoke(data, run, "--resume")
+    assert metrics(run)["dp_release"]["eps_spent"] == metrics(out)["dp_release"]["eps_spent"]
+    with pytest.raises(SystemExit, match="another configuration.*noise_channels"):
+        smoke(data, run, "--resume", "--noise-channels", "16")
+
+
 def test_every_run_ends_with_its_answer(smoke_run, tmp_path, capsys):
     data, _ = smoke_run
     smoke(data, tmp_path / "run", "--eval")
@@ -291,6 +303,22 @@ def test_chunk_size_changes_speed_not_result():
         assert torch.allclose(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-7), k
 
 
+def test_padding_the_chunks_changes_speed_not_result(monkeypatch):
+    # the padded rows (copies of a real example) must never reach the clipped sum or the info
+    cfg, model, loss_fn = smoke_model()
+    batch = tiny_batch(cfg)
+    runs = []
+    for pad in (1, 5, 16):
+        monkeypatch.setattr(m, "PAD_TO", pad)
+        runs.append(m.private_gradient(model, loss_fn, *batch, C=0.3, noise_multiplier=0.0, expected_batch_size=13,
+                                       generator=torch.Generator().manual_seed(5), chunk_size=4))
+    for grads, info in runs[1:]:
+        assert len(info["norms"]) == len(info["losses"]) == 13
+        assert torch.allclose(info["norms"], runs[0][1]["norms"], rtol=1e-5)
+        for k in grads:
+            assert torch.allclose(grads[k], runs[0][0][k], rtol=1e-5, atol=1e-7), k
+
+
 def test_poisson_sampling_includes_each_example_independently():
     """Batch sizes are Binomial(n, q): right mean AND variance (a shuffled fixed-size batch,
     which the accountant does not cover, has variance 0), every example equally likely.
@@ -330,6 +358,19 @@ def test_model_matches_dpdm_size_and_treats_examples_independently():
     x2 = x.clone()
     x2[1:] = torch.randn(3, 1, 28, 28)
     assert torch.allclose(net(x2, s, y)[0], out[0], atol=1e-6)  # no cross-example mixing
+
+
+def test_noise_embedding_width_is_noise_channels_or_channels():
+    # 0 (the default, and every model file written before the option existed) means --channels,
+    # so old files build the same network; the cpu preset widens only the embedding to DPDM's 32
+    smoke = m.PRESETS["smoke"].train
+    narrow = m.build_denoiser(m.Config(**smoke)).net
+    wide = m.build_denoiser(m.Config(**{**smoke, "noise_channels": 32})).net
+    assert narrow.label.embedding_dim == narrow.map[0].in_features == smoke["channels"]
+    assert wide.label.embedding_dim == wide.map[0].in_features == 32
+    assert [p.shape for n, p in wide.named_parameters() if not n.startswith(("label", "map.0"))] == \
+           [p.shape for n, p in narrow.named_parameters() if not n.startswith(("label", "map.0"))]
+    assert wide(torch.randn(2, 1, 28, 28), torch.ones(2), torch.tensor([3, 10])).shape == (2, 1, 28, 28)
 
 
 # --------------------------------------------------------------------------- samplers (DPDM's samplers.py)
