@@ -305,14 +305,15 @@ def add_dp_noise(summed, noise_multiplier, C, generator):
 
 
 BF16_ON_GPU = True  # the network's forward and backward passes in bf16 on a GPU (fp32: False)
-PAD_TO = 16  # vmap sees chunks padded to a multiple of 16 rows: a Poisson batch has a new size at
-# every step, and on a CPU each new shape costs (a DP step of the cpu preset: 410 -> 357 ms)
+PAD_TO = 16  # a short chunk is padded to a multiple of 16 rows, never past the chunk size (memory):
+# a Poisson batch has a new size at every step, and on a CPU each new shape costs (cpu preset's DP
+# step: 410 -> 357 ms)
 
 
-def pad_rows(tensors, multiple):
-    """Repeat the first row until len is a multiple of `multiple`; the padded rows' gradients
-    are computed and then dropped, so they never reach the clipped sum."""
-    extra = -len(tensors[0]) % multiple
+def pad_rows(tensors, size):
+    """Repeat the first row until there are `size` rows; the padded rows' gradients are computed
+    and then dropped, so they never reach the clipped sum."""
+    extra = size - len(tensors[0])
     return [torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in tensors]
 
 
@@ -332,8 +333,9 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
     norms, losses = [torch.zeros(0, device=batch[0].device)], [torch.zeros(0, device=batch[0].device)]
     for i in range(first, last, step):  # an empty batch skips the loop: a noise-only step
         rows = min(i + step, last) - i
+        padded = min(-(-rows // PAD_TO) * PAD_TO, step)  # never past the chunk
         with torch.autocast("cuda", torch.bfloat16, enabled=BF16_ON_GPU and batch[0].is_cuda):
-            grads, loss = per_example_grads(model, loss_fn, *pad_rows([t[i:i + rows] for t in batch], PAD_TO))
+            grads, loss = per_example_grads(model, loss_fn, *pad_rows([t[i:i + rows] for t in batch], padded))
         grads = {k: g[:rows].float() for k, g in grads.items()}  # the padding's rows dropped here
         norms.append(per_example_norms(grads))
         losses.append(loss[:rows].float())

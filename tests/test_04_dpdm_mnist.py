@@ -304,14 +304,17 @@ def test_chunk_size_changes_speed_not_result():
 
 
 def test_padding_the_chunks_changes_speed_not_result(monkeypatch):
-    # the padded rows (copies of a real example) must never reach the clipped sum or the info
+    # the padded rows (copies of a real example) must never reach the clipped sum or the info,
+    # and padding never makes a vmap call larger than the chunk (--chunk bounds memory)
     cfg, model, loss_fn = smoke_model()
-    batch = tiny_batch(cfg)
-    runs = []
+    batch = tiny_batch(cfg)  # 13 rows in chunks of 10: a full chunk and a short one of 3
+    runs, seen, real = [], [], m.per_example_grads
+    monkeypatch.setattr(m, "per_example_grads", lambda *a, **k: seen.append(len(a[2])) or real(*a, **k))
     for pad in (1, 5, 16):
         monkeypatch.setattr(m, "PAD_TO", pad)
         runs.append(m.private_gradient(model, loss_fn, *batch, C=0.3, noise_multiplier=0.0, expected_batch_size=13,
-                                       generator=torch.Generator().manual_seed(5), chunk_size=4))
+                                       generator=torch.Generator().manual_seed(5), chunk_size=10))
+    assert seen == [10, 3, 10, 5, 10, 10]  # 3 rows padded to 5; to 16 would exceed the chunk: 10
     for grads, info in runs[1:]:
         assert len(info["norms"]) == len(info["losses"]) == 13
         assert torch.allclose(info["norms"], runs[0][1]["norms"], rtol=1e-5)
