@@ -307,7 +307,7 @@ def add_dp_noise(summed, noise_multiplier, C, generator):
 BF16_ON_GPU = True  # the network's forward and backward passes in bf16 on a GPU (fp32: False)
 PAD_TO = 16  # a short chunk is padded to a multiple of 16 rows, never past the chunk size (memory):
 # a Poisson batch has a new size at every step, and on a CPU each new shape costs (cpu preset's DP
-# step: 410 -> 357 ms)
+# step 446 -> 388 ms in benchmarks/bench_04_step.py)
 
 
 def pad_rows(tensors, size):
