@@ -21,6 +21,7 @@ One torch thread; on a shared machine compare ratios, not absolute times.
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -45,7 +46,8 @@ def time_steps(mode, steps, warmup, n=60_000):
     m = load_04()
     torch.set_num_threads(1)
     cfg = m.Config(**m.PRESETS["cpu"].train)
-    m.PAD_TO = 1 if mode == "dp, unpadded" else m.PAD_TO
+    if mode == "dp, unpadded":
+        m.PAD_TO = 1  # every Poisson batch size as it comes
     torch.manual_seed(0)
     model = m.build_denoiser(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -72,8 +74,15 @@ def time_steps(mode, steps, warmup, n=60_000):
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    rss_mb = int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 20
-    return (time.perf_counter() - t0) / steps, rss_mb
+    return (time.perf_counter() - t0) / steps, memory_mb()
+
+
+def memory_mb():
+    """Resident memory of this process now (Linux; nan elsewhere)."""
+    try:
+        return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def main():
