@@ -80,7 +80,8 @@ def time_steps(mode, steps, warmup, n=60_000):
 def memory_mb():
     """Resident memory of this process now (Linux; nan elsewhere)."""
     try:
-        return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
     except (OSError, ValueError):
         return float("nan")
 

@@ -11,5 +11,6 @@ def test_bench_04_step_runs_every_mode_and_prints_the_table():
                            "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms per step" not in line]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["dp, unpadded", "dp, padded", "dp, fixed 250", "non-private"]
+    modes = [r.split(" | ")[0][2:] for r in rows]
+    assert modes == ["dp, unpadded", "dp, padded", "dp, fixed 250", "non-private"]
     assert rows[-1].split(" | ")[2] == "1.00"  # the non-private step is the unit
