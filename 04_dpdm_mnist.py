@@ -143,8 +143,9 @@ PRESETS = {
     # DPDM's 32-wide noise/label embedding (README: how it was chosen). At this compute the DP
     # noise limits quality, yet more, noisier steps beat fewer, cleaner ones (batch 250, not 1000).
     # chunk 320 > a Poisson batch of 250 (standard deviation 16): one vmap call per step.
-    # Noise levels ln sigma ~ N(1.0, 1.2^2), above EDM's N(-1.2, 1.2^2): DPDM focuses training on
-    # high sigma, where the digits' shapes form (clipping makes this the loss weighting).
+    # Noise levels ln sigma ~ N(1, 1.2^2), above EDM's N(-1.2, 1.2^2): DPDM focuses training on high
+    # sigma, where the digits' shapes form. Nearly every per-example gradient is clipped to C, so
+    # how often each sigma is drawn, not the loss weight lambda(sigma), sets its share of the update.
     "cpu": Preset(dict(channels=8, noise_channels=32, mults=(1, 2), blocks=1, attn=(7,), unshuffle=2,
                        K=1, batch=250, epochs=6.0, lr=3e-3, p_mean=1.0, chunk=320, ckpt_every=200),
                   dict(sampler="heun", sample_steps=8, guidance=0.5),
