@@ -313,6 +313,11 @@ PAD_TO = 16  # a short chunk is padded to a multiple of 16 rows, never past the 
 # step 446 -> 388 ms in benchmarks/bench_04_step.py)
 
 
+def padded_size(rows, chunk):
+    """rows rounded up to a multiple of PAD_TO, but never past the chunk (--chunk bounds memory)."""
+    return min(-(-rows // PAD_TO) * PAD_TO, chunk)
+
+
 def pad_rows(tensors, size):
     """Repeat the first row until there are `size` rows; the padded rows' gradients are computed
     and then dropped, so they never reach the clipped sum."""
@@ -336,9 +341,9 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
     norms, losses = [torch.zeros(0, device=batch[0].device)], [torch.zeros(0, device=batch[0].device)]
     for i in range(first, last, step):  # an empty batch skips the loop: a noise-only step
         rows = min(i + step, last) - i
-        padded = min(-(-rows // PAD_TO) * PAD_TO, step)  # never past the chunk
+        chunk = pad_rows([t[i:i + rows] for t in batch], padded_size(rows, step))
         with torch.autocast("cuda", torch.bfloat16, enabled=BF16_ON_GPU and batch[0].is_cuda):
-            grads, loss = per_example_grads(model, loss_fn, *pad_rows([t[i:i + rows] for t in batch], padded))
+            grads, loss = per_example_grads(model, loss_fn, *chunk)
         grads = {k: g[:rows].float() for k, g in grads.items()}  # the padding's rows dropped here
         norms.append(per_example_norms(grads))
         losses.append(loss[:rows].float())

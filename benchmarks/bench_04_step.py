@@ -60,10 +60,8 @@ def time_steps(mode, steps, warmup, n=60_000):
         idx = torch.arange(cfg.batch) if mode == "dp, fixed 250" else m.poisson_sample(n, q, gen)
         batch = m.batch_randomness(x[idx], y[idx], cfg, model.n_classes, gen)
         if mode == "non-private":
-            rows = len(idx)
-            padded = min(-(-rows // m.PAD_TO) * m.PAD_TO, cfg.chunk)
             opt.zero_grad()
-            loss_fn(model, *m.pad_rows(list(batch), padded)).mean().backward()
+            loss_fn(model, *m.pad_rows(list(batch), m.padded_size(len(idx), cfg.chunk))).mean().backward()
             opt.step()
         else:
             m.dp_sgd_step(model, opt, loss_fn, *batch, C=cfg.clip, noise_multiplier=0.5,
