@@ -6,7 +6,8 @@ Regenerates the README's ablation table (out/ablation.md) and figures/04_ablatio
   (b) K in {1, 4, 16} at the same eps, number of steps and compute: K x batch x steps constant
       (batch B/K; the DP noise multiplier changes with q = 1/ceil(N/batch));
   (c) deterministic vs stochastic sampling of ONE trained model (the K = 1 model of (a)), by
-      `--eval-only` (sampling is post-processing: no privacy cost).
+      `--eval-only` (sampling is post-processing: no privacy cost). --model RUN/model.pt: (c)
+      only, on a model trained elsewhere (e.g. a run of the `cpu` preset); no figure.
 With --sweep, the privacy-utility sweep instead (out/sweep/sweep.md, figures/04_privacy_utility.png):
 at each eps in {0.2, 1, 10}, K = 1 and K = 4 at the same batch and steps, and K = 1 with 4x the
 steps (the compute of K = 4), each with its noise multiplier calibrated to that eps and run.
@@ -262,6 +263,8 @@ def parse_args(argv=None):
                    "K = 1 run (reduced runs; the table says 'not run')")
     p.add_argument("--chunk", type=int, default=320, help="examples x K per vmap call (320: one call for "
                    "a Poisson batch of 250, whose standard deviation is 16)")
+    p.add_argument("--model", help="(c) only: sample this model.pt (its folder holds the run's metrics.json "
+                   "and samples.npz) instead of training (a) and (b); default out: out/ablation_samplers")
     p.add_argument("--sampler-args", nargs=argparse.REMAINDER, default=None,
                    help="04 sampler flags of the training runs (default: the preset's sampler)")
     a = p.parse_args(argv)
@@ -274,13 +277,15 @@ def parse_args(argv=None):
     if a.sampler_args is None:  # the training runs sample with the preset's sampler
         a.sampler_args = ["--sample-steps", "4"] if a.quick else []
     a.name = "sweep" if a.sweep else "ablation"
-    a.out = Path(a.out or ROOT / "out" / (a.name + ("_quick" if a.quick else "")))
+    a.out = Path(a.out or ROOT / "out" / (a.name + ("_samplers" if a.model else "") + ("_quick" if a.quick else "")))
     png = "04_privacy_utility.png" if a.sweep else "04_ablation.png"
     a.figure = Path(a.figure or (a.out / png if a.quick else ROOT / "figures" / png))
     if a.quick:
         a.data_dir = make_synthetic(a.out / "data")
     elif not a.data_dir:
         p.error("full mode needs --data-dir (the four MNIST IDX files); or --quick")
+    if a.model and not (Path(a.model).parent / "metrics.json").exists():
+        p.error(f"--model: no metrics.json beside {a.model}; give the model.pt of a finished 04 run")
     a.script = Path(a.script)
     return a
 
@@ -313,7 +318,7 @@ def main(argv=None):
 
     table = (sweep if args.sweep else ablation)(args, fd, floor, log)
     print(table)
-    log(f"wrote {args.out / args.name}.md, {args.out / args.name}.json, {args.figure}")
+    log(f"wrote {args.out / args.name}.md, {args.out / args.name}.json" + ("" if args.model else f", {args.figure}"))
 
 
 def run_all(args, runs, log):
@@ -358,26 +363,31 @@ def sweep_label(K, steps_factor):
 
 
 def ablation(args, fd, floor, log):
-    """(a), (b) and (c): table OUT/ablation.md (+ .json) and the figure; returns the table."""
-    runs = plan(args)
+    """(a), (b) and (c), or (c) alone with --model: table OUT/ablation.md (+ .json) and the figure
+    (not with --model); returns the table."""
+    runs = {} if args.model else plan(args)
     skipped = [n for n in runs if args.max_units and n.startswith("a") and runs[n][2] > args.max_units]
     for n in skipped:
         log(f"skipping {n} (--max-units {args.max_units})")
         del runs[n]
     cost = lambda n: runs[n][2] if n.startswith("a") else 1  # (b): K x batch/K, one unit each
     results = run_all(args, {n: (args.out / n, runs[n][0], cost(n)) for n in runs}, log)
-    # the K = 1 run is shared by (a) and (b)
-    results["b_K1"] = results[f"a_K{min(args.ks)}"]
-    # (c): samplers on the model of a_K1
-    model = args.out / f"a_K{min(args.ks)}" / "model.pt"
+    # (c): samplers on the given model, or on that of a_K1 (shared by (a) and (b))
+    base = Path(args.model).parent if args.model else args.out / f"a_K{min(args.ks)}"
+    as_trained = read_metrics(base) if args.model else results[f"a_K{min(args.ks)}"]
+    as_trained["fd_proxy"] = fd(base)
+    if not args.model:
+        results["b_K1"] = as_trained
+    model = base / "model.pt"
     samplers = QUICK_SAMPLERS if args.quick else SAMPLERS
     common = ["--eval-only", "--ckpt", str(model), "--num-samples", str(args.num_samples),
               "--eval-epochs", str(args.eval_epochs)]
     sampled = run_all(args, {s: (args.out / f"c_{i}", [*common, *flags], 1)
                              for i, (s, flags) in enumerate(samplers.items())}, log)
     sampled = {s: sampled[s] for s in samplers}
-    for name, r in list(results.items()):
-        r["fd_proxy"] = fd(args.out / (name if name != "b_K1" else f"a_K{min(args.ks)}"))
+    for name, r in results.items():
+        if "fd_proxy" not in r:  # b_K1 is a_K1's
+            r["fd_proxy"] = fd(args.out / name)
     for i, (s, r) in enumerate(sampled.items()):
         r["fd_proxy"] = fd(args.out / f"c_{i}")
 
@@ -385,9 +395,10 @@ def ablation(args, fd, floor, log):
     lines = [f"Ablations at eps = {args.eps} ({'QUICK: smoke preset on synthetic data, numbers meaningless' if args.quick else 'real MNIST'}); "
              f"{args.num_samples} samples per run, classifiers {args.eval_epochs} epochs. FD-proxy: Frechet distance "
              f"of small-CNN features to the real test set (a proxy, not the paper's Inception FID); "
-             f"floor ({args.num_samples} real training images): {floor:.2f}.", "",
-             "| run | K | batch (q) | steps | noise multiplier | compute (K x B x steps) | train time | LogReg / MLP / CNN (%) | FD-proxy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"floor ({args.num_samples} real training images): {floor:.2f}."]
+    if results:
+        lines += ["", "| run | K | batch (q) | steps | noise multiplier | compute (K x B x steps) | train time | LogReg / MLP / CNN (%) | FD-proxy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     rows = {n: None for n in skipped}
     rows.update(results)
     for name in sorted(rows, key=lambda n: (n[0], int(n.split("K")[1]))):
@@ -400,16 +411,18 @@ def ablation(args, fd, floor, log):
         lines.append(f"| ({name[0]}) {what} | {r['K']} | {r['batch']} ({fmt(r['q'], '.4g')}) | {r['steps']} | "
                      f"{fmt(r['noise_multiplier'], '.3f')} | {comp / 1e3:,.0f}k | {fmt((r['train_s'] or 0) / 60)} min | "
                      f"{fmt(r['logreg'])} / {fmt(r['mlp'])} / {fmt(r['cnn'])} | {r['fd_proxy']:.2f} |")
-    lines += ["", f"(c) one trained model (a, K = {min(args.ks)}), sampled again with --eval-only:", "",
+    which = args.model if args.model else f"a, K = {min(args.ks)}"
+    lines += ["", f"(c) one trained model ({which}), sampled again with --eval-only:", "",
               "| sampler | sampling time | LogReg / MLP / CNN (%) | FD-proxy |", "|---|---|---|---|"]
-    for s, r in {"as trained (the preset's sampler)": results[f"a_K{min(args.ks)}"], **sampled}.items():
+    for s, r in {"as trained (the preset's sampler)": as_trained, **sampled}.items():
         lines.append(f"| {s} | {fmt((r['sample_s'] or 0) / 60)} min | {fmt(r['logreg'])} / {fmt(r['mlp'])} / "
                      f"{fmt(r['cnn'])} | {r['fd_proxy']:.2f} |")
     table = "\n".join(lines)
     (args.out / "ablation.md").write_text(table + "\n")
     (args.out / "ablation.json").write_text(json.dumps({"runs": results, "samplers": sampled, "fd_floor": floor,
                                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
-    plot(args, results, sampled, floor)
+    if not args.model:
+        plot(args, results, sampled, floor)
     return table
 
 

@@ -22,6 +22,16 @@ def test_ablation_quick_writes_its_table_and_figure(tmp_path):
         r = json.loads((run / "metrics.json").read_text())["dp_release"]
         assert 0.99 * r["eps_target"] <= r["eps_spent"] <= r["eps_target"]
 
+    # --model: (c) alone, on a model trained elsewhere (here: the K = 1 run above); no training
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--quick", "--model",
+                           str(tmp_path / "a_K1" / "model.pt"), "--out", str(tmp_path / "c_only")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "c_only" / "ablation.md").read_text()
+    assert "same steps" not in table and table.count("| churn 4") == 1 and "as trained" in table
+    assert not any((d / "metrics.json").exists() and (d / "PRIVATE_resume_state.pt").exists()
+                   for d in (tmp_path / "c_only").iterdir())
+
 
 def test_sweep_quick_reports_each_runs_own_eps(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--quick", "--sweep",
