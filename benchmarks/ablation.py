@@ -280,12 +280,12 @@ def parse_args(argv=None):
     a.out = Path(a.out or ROOT / "out" / (a.name + ("_samplers" if a.model else "") + ("_quick" if a.quick else "")))
     png = "04_privacy_utility.png" if a.sweep else "04_ablation.png"
     a.figure = Path(a.figure or (a.out / png if a.quick else ROOT / "figures" / png))
+    if a.model and not (Path(a.model).parent / "metrics.json").exists():
+        p.error(f"--model: no metrics.json beside {a.model}; give the model.pt of a finished 04 run")
     if a.quick:
         a.data_dir = make_synthetic(a.out / "data")
     elif not a.data_dir:
         p.error("full mode needs --data-dir (the four MNIST IDX files); or --quick")
-    if a.model and not (Path(a.model).parent / "metrics.json").exists():
-        p.error(f"--model: no metrics.json beside {a.model}; give the model.pt of a finished 04 run")
     a.script = Path(a.script)
     return a
 
