@@ -301,7 +301,10 @@ def pld_one_step(q, noise_multiplier, h, remove):
     spread of e^-L, as in Doroshenko et al. 2022), and such dominance survives composition.
     Losses above the grid (x beyond 8 sigma) count as infinite, losses below it round up."""
     sigma, sign = noise_multiplier, 1.0 if remove else -1.0
-    loss_at = lambda x: sign * math.log1p(q * math.expm1((2 * x - 1) / (2 * sigma**2)))
+    # L(x) = +-log((1-q) + q e^y), y = (2x-1)/(2 s^2), as a log-sum: it stays finite where
+    # e^y underflows (log1p(q expm1(y)) would be log(0) at q = 1, the Gaussian mechanism)
+    log_1mq = math.log1p(-q) if q < 1 else -math.inf
+    loss_at = lambda x: sign * np.logaddexp(log_1mq, math.log(q) + (2 * x - 1) / (2 * sigma**2))
     ends = sorted([loss_at(-8 * sigma), loss_at(1 + 8 * sigma)])
     k0, k1 = math.floor(ends[0] / h), math.ceil(ends[1] / h)
     losses = np.arange(k0, k1 + 1) * h
