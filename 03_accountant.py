@@ -38,7 +38,6 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 # Opacus' DEFAULT_ALPHAS (opacus/accountants/rdp.py): 1.1..10.9 in steps of 0.1, then 12..63.
 OPACUS_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
@@ -50,24 +49,81 @@ DPDM = {"MNIST / F-MNIST": dict(n=60000, batch_size=4096, epochs=300, delta=1e-5
         "CelebA 32": dict(n=162770, batch_size=2048, epochs=300, delta=1e-6, eps=(10, 1))}
 
 
-def parse_args(argv=None):
+def flag_value(convert, ok, need):
+    """An argparse type: the text converted, or refused with what the flag needs (argparse
+    puts the flag's name in front); nan fails every comparison, so `ok` refuses it too."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; give {need}")
+        return value
+    return parse
+
+
+POSITIVE = flag_value(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+COUNT = flag_value(int, lambda v: v >= 1, "a whole number >= 1")
+RATE = flag_value(float, lambda v: 0 < v <= 1, "a sampling rate in (0, 1], e.g. 0.01")
+DELTA = flag_value(float, lambda v: 0 < v < 1, "a probability in (0, 1) well below 1/N, e.g. 1e-5")
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--noise-multiplier", "--sigma", type=float, dest="noise_multiplier",
-                   help="print the epsilon this noise multiplier gives")
-    p.add_argument("--target-epsilon", type=float,
-                   help="print the smallest noise multiplier reaching it")
-    p.add_argument("--q", type=float, help="Poisson sampling rate (else from --batch-size, --n)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--n", type=int, default=60000, help="training-set size")
-    p.add_argument("--steps", type=int, help="DP-SGD steps (else epochs/q or epochs*ceil(n/B))")
-    p.add_argument("--epochs", type=float, default=300)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--table", action="store_true", help="only the DPDM sigma table")
-    p.add_argument("--no-tight", action="store_true", help="skip the PLD accountant")
-    p.add_argument("--audit", action="store_true", help="empirical one-run privacy audit (~10 s)")
-    p.add_argument("--out", default="out/03_accountant")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (used for log Phi)")
-    return p.parse_args(argv)
+    p.error = lambda message: p.exit(  # one line that says what to do, not the usage block
+        2, f"error: {message}. See: python {pathlib.Path(__file__).name} --help\n")
+    question = p.add_mutually_exclusive_group()
+    question.add_argument("--noise-multiplier", "--sigma", type=POSITIVE, dest="noise_multiplier",
+                          help="print the epsilon this noise multiplier gives, a finite number "
+                               "> 0; --sigma is an older name (default: none; without it or "
+                               "--target-epsilon: the DPDM table and the figure)")
+    question.add_argument("--target-epsilon", type=POSITIVE,
+                          help="print the smallest noise multiplier reaching this epsilon, a "
+                               "finite number > 0 (default: none)")
+    p.add_argument("--q", type=RATE, help="Poisson sampling rate, in (0, 1] (default: DPDM's "
+                                          "loader's, q = 1 / ceil(n / batch-size))")
+    p.add_argument("--batch-size", type=COUNT, default=4096,
+                   help="expected batch size, a whole number >= 1 (default: %(default)s)")
+    p.add_argument("--n", type=COUNT, default=60000,
+                   help="training-set size, a whole number >= 1 (default: %(default)s)")
+    p.add_argument("--steps", type=COUNT, help="DP-SGD steps, a whole number >= 1 (default: "
+                                               "epochs / q with --q, else epochs * ceil(n / B))")
+    p.add_argument("--epochs", type=POSITIVE, default=300,
+                   help="epochs, a finite number > 0 (default: %(default)s)")
+    p.add_argument("--delta", type=DELTA, default=1e-5,
+                   help="delta, in (0, 1) and well below 1 / n (default: %(default)g)")
+    p.add_argument("--table", action="store_true",
+                   help="only the DPDM noise-multiplier table, no figure (default: off)")
+    p.add_argument("--no-tight", action="store_true",
+                   help="skip the tight (PLD) accountant (default: off, so it runs)")
+    p.add_argument("--audit", action="store_true",
+                   help="one-run privacy audit of correct and deliberately broken DP-SGD: "
+                        "a table and audit.png in --out (default: off)")
+    p.add_argument("--out", default="out/03_accountant",
+                   help="folder for the figures, created if missing; not a file "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=COUNT, default=1,
+                   help="torch threads (used for log Phi), a whole number >= 1 (default: "
+                        "%(default)s)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, every value checked (one line each) before anything runs."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if any(path.exists() and not path.is_dir() for path in (out, *out.parents)):
+        p.error(f"argument --out: {args.out} is a file or inside one; give a folder")
+    if args.noise_multiplier is None and args.target_epsilon is None:
+        return args
+    if args.q is None and args.delta >= 1 / args.n:
+        p.error(f"argument --delta: {args.delta:g} >= 1/N = {1 / args.n:.2g} (--n {args.n}); "
+                "take delta well below 1/N")
+    if query_sampling(args)[1] == 0:
+        p.error(f"argument --epochs: {args.epochs:g} epochs make 0 steps; give more, or --steps")
+    return args
 
 
 def check_inputs(q=None, noise_multiplier=None, delta=None, epsilon=None, steps=None):
@@ -86,7 +142,9 @@ def check_inputs(q=None, noise_multiplier=None, delta=None, epsilon=None, steps=
 
 # ------------------------------------------------------------------ 1. RDP of one step
 def log_normal_cdf(x):
-    """log Phi(x) for an array, accurate far into both tails (numpy has no erfc; torch does)."""
+    """log Phi(x) for an array, accurate far into both tails (numpy has no erfc; torch does).
+    torch is imported where it is used, so that a mistyped flag is refused before its import."""
+    import torch
     return torch.special.log_ndtr(torch.as_tensor(x, dtype=torch.float64)).numpy()
 
 
@@ -640,16 +698,21 @@ def plot_eps_vs_epochs(path, sigmas=(1.0, 2.5, 5.0, 18.0, 80.0), delta=1e-5):
     print(f"wrote {path}")
 
 
-def query(args):
-    """One question from the command line: eps for a sigma, or sigma for a target eps."""
+def query_sampling(args):
+    """(q, steps) of a command-line question: --q with --epochs, else DPDM's loader from --n
+    and --batch-size; --steps, if given, sets the number of steps."""
     if args.q is not None:
         q, steps = args.q, round(args.epochs / args.q)
-    elif args.delta >= 1 / args.n:
-        raise ValueError(f"delta={args.delta} >= 1/N = {1 / args.n:.2g}: take delta well below 1/N")
     else:
         q, steps = dpdm_sampling(args.n, args.batch_size, args.epochs)
-    steps = args.steps if args.steps is not None else steps
-    check_inputs(q=q, delta=args.delta, steps=steps)
+    if args.steps is not None:
+        steps = args.steps
+    return q, steps
+
+
+def query(args):
+    """One question from the command line: eps for a noise multiplier, or the reverse."""
+    q, steps = query_sampling(args)
     print(f"q = {q:.6g}, steps = {steps}, delta = {args.delta:g}")
     if args.noise_multiplier is not None:
         rdp = compute_rdp(q, args.noise_multiplier, steps)
@@ -670,6 +733,7 @@ def query(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.noise_multiplier is not None or args.target_epsilon is not None:

@@ -466,7 +466,7 @@ def test_cli_epsilon_and_sigma(accountant, capsys):
     accountant.main(["--target-epsilon", "1", "--q", "0.0666666666667", "--steps", "4500",
                      "--no-tight"])
     assert "noise multiplier = 18.1327" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="1/N"):
+    with pytest.raises(SystemExit, match="2"):  # delta >= 1/N: refused (tests/test_03_cli.py)
         accountant.main(["--sigma", "1", "--n", "1000", "--delta", "1e-3"])
 
 
