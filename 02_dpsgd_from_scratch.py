@@ -1,50 +1,53 @@
-"""Chapter 02 - DP-SGD by hand: per-example gradients, clipping, noise, Poisson sampling.
+"""Chapter 02 — DP-SGD by hand: per-example gradients, clipping, noise, Poisson sampling.
 
 What you learn
-  DP-SGD (Abadi et al. 2016), written out with nothing borrowed from a DP library, and the
-  one change DPDM makes to it for diffusion models: noise multiplicity (DPDM Sec. 3).
+  DP-SGD (Abadi et al. 2016) written out with nothing borrowed from a DP library: per-example
+  gradients with torch.func, flat clipping, one Gaussian draw, Poisson sampling, and where the
+  mechanism's randomness must come from. Then the one change DPDM makes for diffusion models,
+  noise multiplicity (DPDM Sec. 3), and what clipping, noise and K do to a small denoiser.
 
 One DP-SGD step on a data set of N examples (DPDM Sec. 2; Abadi et al. 2016, Alg. 1):
   1. Poisson sampling: every example joins the batch B independently with probability q.
   2. per-example gradients   g_i = grad_theta l(theta; x_i)                 (torch.func: vmap(grad))
   3. flat clipping           g_i <- g_i * min(1, C / ||g_i||_2)           (norm over ALL parameters)
-  4. one Gaussian draw       g   = ( sum_i g_i + N(0, sigma_DP^2 C^2 I) ) / (qN)
+  4. one Gaussian draw       g   = ( sum_i g_i + N(0, noise_multiplier^2 C^2 I) ) / (qN)
   5. any optimizer step with g (post-processing costs no privacy).
 Adding or removing one example moves sum_i g_i by at most C (its sensitivity; replacing one
 is a removal plus an addition, 2C), so step 4 is the Poisson-subsampled Gaussian mechanism
 that the accountant of chapter 03 turns into (epsilon, delta).
 
-Noise multiplicity (DPDM Sec. 3): the diffusion loss of ONE example averages K noise draws,
+Noise multiplicity (DPDM Sec. 3): the diffusion loss of ONE example averages K draws,
   l(theta; x_i) = 1/K sum_k lambda(sigma_k) || D_theta(x_i + sigma_k n_k; sigma_k) - x_i ||^2 ,
 and is clipped once: the sensitivity is still C, so the privacy cost does not depend on K,
-while the per-example gradient variance falls like 1/K.
+while the per-example gradient variance falls like 1/K. (sigma is always the diffusion level;
+the DP noise scale is the noise multiplier.)
 
-The demo trains a 1-D toy denoiser like chapter 01's privately and plots what clipping, noise
-and K do. Same as 01 (re-expressed below, since no chapter imports another): sigma_data, the
-lambda-weighted loss, EDM preconditioning (Karras et al. 2022, Table 1), an MLP F on
-(c_in x, c_noise). What differs: F is smaller (2 hidden layers of 32, 1,185 parameters, not 3
-of 64), since the DP noise norm grows like sqrt(#parameters); data have shape [N, 1], so that
-the same functions run on images [N, C, H, W]; and the data are an easier two-component
-mixture, 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.15^2): on 01's three components, 600 DP steps
-hardly leave the initial loss (0.97-0.99 vs 0.99) and K = 4, 16 do no better than K = 1
-(measured over 3 noise seeds). We write sigma_DP as
-`noise_multiplier` so it is never confused with the diffusion level sigma.
+The demo trains a 1-D toy denoiser like chapter 01's privately. Same as 01 (re-expressed, since
+no chapter imports another): sigma_data, the lambda-weighted loss, EDM preconditioning (Karras
+et al. 2022, Table 1), an MLP F on (c_in x, c_noise). What differs: F is smaller (2 hidden
+layers of 32, 1,185 parameters, not 3 of 64), since the DP noise norm grows like
+sqrt(#parameters); data have shape [N, 1], so that the same functions run on images
+[N, C, H, W]; and the data are an easier two-component mixture, 0.4 N(-0.6, 0.1^2) +
+0.6 N(0.5, 0.15^2), so that a few hundred DP steps of this small model visibly lower the loss
+and the runs for different K can be told apart (on 01's three narrow components they cannot).
 
 The mechanism's randomness must be secret. Whoever knows every example but one, and the seed,
 can replay training with and without that example and see which run gives the released model,
-however large sigma_DP is. So the Poisson sampling, diffusion draws and DP noise of training
-come from secret_generator(), seeded with 63 bits of OS entropy that are never printed or saved;
---seed fixes only what is public (initial weights, the toy data, the figures), and
+however large the noise multiplier is. So the Poisson sampling, diffusion draws and DP noise of
+training come from secret_generator(), whose whole state is OS entropy that is never printed or
+saved; --seed fixes only what is public (initial weights, the toy data, the figures), and
 --insecure-noise-seed N (debugging, tests) makes training reproducible and voids the guarantee.
-torch's generator (a Mersenne Twister) seeded this way is unpredictable to someone who does not
+torch's generator (a Mersenne Twister) filled this way is unpredictable to someone who does not
 see its raw outputs, but it is not a cryptographically secure generator, and floating-point
 Gaussian samples leak through their low-order bits (Mironov 2012); for a deployment, Opacus'
 secure_mode (a CSPRNG via torchcsprng, each Gaussian a sum of several draws) is the reference.
 """
 import argparse
 import math
+import hashlib
 import pathlib
 import secrets
+import struct
 import time
 
 import matplotlib.pyplot as plt
@@ -56,10 +59,11 @@ from torch.func import functional_call, grad_and_value, vmap
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-data", type=int, default=10_000, help="N, size of the private data set")
-    p.add_argument("--q", type=float, default=0.05, help="Poisson sampling rate (expected batch qN)")
+    p.add_argument("--q", type=float, default=0.05,
+                   help="Poisson sampling rate (expected batch qN)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--clip", type=float, default=1.0, help="C, per-example clipping norm")
-    p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma_DP")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP noise std / C")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16], help="noise multiplicities")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=32, help="width of the toy MLP")
@@ -68,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--insecure-noise-seed", type=int, default=None, metavar="N",
                    help="reproducible training randomness (Poisson sampling, noise) for debugging; "
                         "voids the privacy guarantee: the noise seed is known")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice, all physical cores)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/02_dpsgd_from_scratch"))
     return p.parse_args(argv)
 
@@ -113,7 +118,7 @@ class ToyMLP(nn.Module):
 
 
 class EDMDenoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)  (EDM Table 1), for x [B, ...], sigma [B]."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1), x [B, ...], sigma [B]."""
 
     def __init__(self, net, sigma_data=SIGMA_DATA):
         super().__init__()
@@ -142,7 +147,8 @@ def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
     x_k = x0.unsqueeze(1).expand(B, K, *x0.shape[1:]).reshape(B * K, *x0.shape[1:])
     s = sigma.reshape(B * K)
     y = x_k + s.reshape(-1, *[1] * (x0.dim() - 1)) * n.reshape(B * K, *x0.shape[1:])
-    weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2  # lambda(sigma) = 1 / c_out^2, EDM Table 1
+    # lambda(sigma) = 1 / c_out^2, EDM Table 1
+    weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
     err = (denoiser(y, s) - x_k).pow(2).flatten(1).mean(1)
     return (weight * err).reshape(B, K).mean(1)
 
@@ -167,7 +173,6 @@ def per_example_grads(model, loss_fn, *batch, chunk_size=None):
     loss_fn(model, *batch) -> per-example losses [B], for any callable `model`. vmap runs the
     gradient of ONE example's loss over the batch; chunk_size bounds how many examples vmap
     processes at once, hence the activation memory (K draws make each example K times larger).
-    On CPU, chunks of about 256 images (chunk_size = 256 // K) ran fastest in our benchmark.
     """
     check_no_batchnorm(model)
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -206,23 +211,53 @@ def clip_per_example(grads, C):
     return {k: g * factor.reshape(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
 
 
-def secret_generator(device="cpu", insecure_seed=None):
-    """The mechanism's randomness: a generator seeded with 63 bits of OS entropy, never shown.
+MT_WORDS = 624  # torch's CPU generator is a Mersenne Twister (MT19937): 624 words of 32 bits
 
-    insecure_seed (debugging, tests) makes it reproducible and voids the privacy guarantee:
-    whoever knows it can replay the sampling and the noise (see the module docstring)."""
-    seed = secrets.randbits(63) if insecure_seed is None else insecure_seed
-    return torch.Generator(device).manual_seed(seed)
+
+def fill_generator_state(gen, random_bytes):
+    """Make 4 * 624 random bytes the whole state of torch's CPU generator; returns gen.
+
+    manual_seed cannot do this: it keeps the low 32 bits of any seed. get_state() is a byte copy
+    of torch's CPUGeneratorImplState: uint64 initial seed, int32 left, int32 seeded, uint64 next,
+    624 uint64 slots of one 32-bit word each, then a cached normal sample and its valid flags."""
+    words = struct.unpack(f"={MT_WORDS}I", random_bytes)
+    # left = 1, next = 0: the first draw twists the state first, as right after manual_seed
+    head = struct.pack(f"=QiiQ{MT_WORDS}Q", 0, 1, 1, 0, *words)
+    tail = bytes(gen.get_state().numel() - len(head))  # zeros: no cached normal sample
+    gen.set_state(torch.frombuffer(bytearray(head + tail), dtype=torch.uint8))
+    return gen
+
+
+def secret_generator(device="cpu", insecure_seed=None):
+    """The mechanism's randomness: a generator whose whole state is OS entropy, never shown.
+
+    Whoever knows every example but one AND the generator's state replays training with and
+    without that example and sees which run gives the released model; so the state must be as
+    hard to guess as the OS's CSPRNG (Python's secrets) can make it. Secret bits: on CPU 624 x 32
+    = 19,968 fill the Mersenne Twister, of which 19,937 matter (its first twist keeps only the top
+    bit of word 0); on CUDA 64, Philox's whole seed (manual_seed keeps all 64 bits there).
+    insecure_seed (debugging, tests) derives the same full state from the seed by a hash, so
+    seeds that differ only above bit 32 still differ; it voids the privacy guarantee."""
+    n_bytes = 4 * MT_WORDS if torch.device(device).type == "cpu" else 8
+    if insecure_seed is None:
+        random_bytes = secrets.token_bytes(n_bytes)
+    else:
+        random_bytes = hashlib.shake_256(str(insecure_seed).encode()).digest(n_bytes)
+    gen = torch.Generator(device)
+    if gen.device.type == "cpu":
+        return fill_generator_state(gen, random_bytes)
+    return gen.manual_seed(int.from_bytes(random_bytes, "little"))
 
 
 def add_dp_noise(summed, noise_multiplier, C, generator):
-    """summed + N(0, sigma_DP^2 C^2 I): noise std is proportional to the sensitivity C.
+    """summed + N(0, noise_multiplier^2 C^2 I): noise std is proportional to the sensitivity C.
 
     generator must be secret (secret_generator()): noise that can be replayed protects nothing."""
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if noise_multiplier > 0 and not math.isfinite(C):
-        raise ValueError("noise needs a finite clipping norm C: the noise scale is sigma_DP * C")
+        raise ValueError("noise needs a finite clipping norm C: "
+                         "the noise std is noise_multiplier * C")
     std = noise_multiplier * C if noise_multiplier > 0 else 0.0
     return {k: s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
             for k, s in summed.items()}
@@ -242,7 +277,7 @@ def poisson_sample(n, q, generator):
 
 def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
                      generator, chunk_size=None):
-    """(sum_i clip(g_i) + N(0, sigma_DP^2 C^2 I)) / (qN), and info = {"norms": unclipped
+    """(sum_i clip(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info = {"norms": unclipped
     per-example gradient norms [B], "losses": per-example losses [B]}.
 
     Memory stays bounded: per-example gradients live only one chunk at a time. info is NOT
@@ -303,7 +338,8 @@ def train(args, K, C, noise_multiplier, x_train, eval_batch, label):
             return model, curve
         x = x_train[poisson_sample(N, args.q, gen)]
         dp_sgd_step(model, opt, edm_loss, x, *draw_sigma_and_noise(x, K, gen), C=C,
-                    noise_multiplier=noise_multiplier, expected_batch_size=args.q * N, generator=gen)
+                    noise_multiplier=noise_multiplier, expected_batch_size=args.q * N,
+                    generator=gen)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -321,7 +357,7 @@ def plot_clipping_and_noise(args, models, x, gen):
     zeros = {"all": torch.zeros(clipped.shape[1])}
     # an illustration from the public generator: nothing trained or released depends on this draw
     noise = add_dp_noise(zeros, args.noise_multiplier, args.clip, gen)["all"].norm().item()
-    print(f"   {clipped.shape[1]} parameters: noise norm {noise:.1f} (sigma_DP C sqrt(P) = "
+    print(f"   {clipped.shape[1]} parameters: noise norm {noise:.1f} (noise_multiplier C sqrt(P) = "
           f"{args.noise_multiplier * args.clip * clipped.shape[1] ** 0.5:.1f}); signal norm "
           f"{signal[0]:.2f} at B=1, {signal[-1]:.1f} at B={sizes[-1]}")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -334,7 +370,7 @@ def plot_clipping_and_noise(args, models, x, gen):
     ax[0].set(xscale="log", xlabel="per-example gradient norm ||g_i|| (K=4)", ylabel="examples",
               title="Clipping caps every example at C")
     ax[1].loglog(sizes, signal, "o-", label="signal ||sum_i clip(g_i)||")
-    ax[1].axhline(noise, color="r", ls="--", label="noise ||N(0, sigma_DP^2 C^2 I)||")
+    ax[1].axhline(noise, color="r", ls="--", label="noise ||N(0, (noise multiplier C)^2 I)||")
     ax[1].axvline(args.q * args.n_data, color="gray", ls=":", label="expected batch qN")
     ax[1].set(xlabel="batch size B", ylabel="L2 norm", title="Noise is fixed; signal grows with B")
     ax[0].legend(fontsize=7, loc="upper left")
@@ -362,8 +398,9 @@ def plot_noise_multiplicity(args, model, x, runs, gen):
     Ks = [1, 2, 4, 8, 16, 32]
     var = [gradient_variance(model, x, K, args.clip, gen) for K in Ks]
     signal = var[-1][2]  # ||E g_i||^2, best measured at the largest K
-    print(f"   E||g_i - E g_i||^2 over diffusion draws, mean over {x.shape[0]} examples. K iid draws "
-          f"averaged: raw = raw(K=1)/K, i.e. K raw / raw(K=1) = 1.\n   Clipped: <= C^2 = "
+    print(f"   E||g_i - E g_i||^2 over diffusion draws, mean over {x.shape[0]} examples. "
+          "K iid draws averaged: raw = raw(K=1)/K, i.e. K raw / raw(K=1) = 1.\n"
+          "   Clipped: <= C^2 = "
           f"{args.clip**2:g}, near it while raw >> ||E g_i||^2 = {signal:.1f}, then ~1/K too")
     for K, (v_raw, v_clip, _) in zip(Ks, var):
         print(f"   K={K:2d}: raw {v_raw:8.4f} (K raw / raw(K=1) = {K * v_raw / var[0][0]:.2f}), "
@@ -391,18 +428,19 @@ def plot_noise_multiplicity(args, model, x, runs, gen):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start, gen = time.time(), torch.Generator().manual_seed(args.seed)
     x_train, x_eval = sample_toy_data(args.n_data, gen), sample_toy_data(2000, gen)
     eval_batch = (x_eval, *draw_sigma_and_noise(x_eval, 8, gen))  # fixed draws: comparable curves
     print(f"N={args.n_data}, q={args.q} (expected batch {args.q * args.n_data:.0f}), "
-          f"{args.steps} steps, C={args.clip}, sigma_DP={args.noise_multiplier}: the same "
+          f"{args.steps} steps, C={args.clip}, noise multiplier {args.noise_multiplier}: the same "
           "(epsilon, delta) for every K -- chapter 03 computes it")
     if args.insecure_noise_seed is not None:
         print("!! --insecure-noise-seed: privacy guarantee void: noise seed known (debugging only)")
 
-    print("1) training: non-private reference (C=inf, sigma_DP=0), then DP-SGD for each K")
+    print("1) training: non-private reference (C=inf, noise multiplier 0), then DP-SGD for each K")
     runs = {"non-private, K=1": train(args, 1, math.inf, 0.0, x_train, eval_batch, "non-DP")}
     for K in args.ks:
         runs[f"DP, K={K}"] = train(args, K, args.clip, args.noise_multiplier, x_train, eval_batch,

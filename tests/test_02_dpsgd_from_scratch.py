@@ -1,7 +1,7 @@
 """Chapter 02 tests: DP-SGD's privacy invariants, tested like security properties.
 
 References are independent of the code under test: a plain loop of batch-size-1 backward
-passes (per-example gradients), closed forms (noise std sigma_DP*C, Binomial(N, q) batch
+passes (per-example gradients), closed forms (noise std noise_multiplier * C, Binomial(N, q) batch
 sizes, sensitivity C), and ordinary autograd (the non-private step). Statistical checks use
 fixed seeds and tolerances of 5 standard errors, derived from the closed-form statistics.
 Tolerances of 1e-6 to 1e-12 are float64 round-off bounds for exact identities, not statistics.
@@ -13,6 +13,7 @@ tests never clip.
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -80,11 +81,13 @@ def model_loss(model, x, sigma, n):
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_per_example_grads_match_naive_loop(dpsgd, K, chunk_size):
     model, batch = make_problem(dpsgd, K)
-    fast, fast_losses = dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size)
+    fast, fast_losses = dpsgd.per_example_grads(model, dpsgd.edm_loss, *batch,
+                                                chunk_size=chunk_size)
     slow, slow_losses = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
     assert len(fast) == len(list(model.parameters())) and fast["net.qkv.weight"].shape[0] == 5
     assert max_abs_diff(fast, slow) <= 1e-8
-    assert fast_losses.shape == (5,) and torch.allclose(fast_losses, slow_losses, rtol=1e-10, atol=0)
+    assert fast_losses.shape == (5,)
+    assert torch.allclose(fast_losses, slow_losses, rtol=1e-10, atol=0)
     norms = dpsgd.per_example_norms(slow)  # not vacuous: examples really differ
     assert norms.min() > 1e-3 and (norms.max() - norms.min()) > 1e-3
 
@@ -105,7 +108,8 @@ def test_private_gradient_is_the_same_in_chunks(dpsgd):
                                        generator=torch.Generator().manual_seed(1))
     assert max_abs_diff(g1, g3) <= 1e-12
     for key in ("norms", "losses"):
-        assert info1[key].shape == (7,) and torch.allclose(info1[key], info3[key], rtol=0, atol=1e-12)
+        assert info1[key].shape == (7,)
+        assert torch.allclose(info1[key], info3[key], rtol=0, atol=1e-12)
     torch.testing.assert_close(info1["losses"], dpsgd.edm_loss(model, *batch).detach())
     # without noise: the sum of the clipped loop gradients over qN
     g0, _ = dpsgd.private_gradient(model, dpsgd.edm_loss, *batch, C=0.5, noise_multiplier=0.0,
@@ -155,9 +159,10 @@ def test_clipping_bounds_every_norm_and_keeps_small_gradients(dpsgd):
 
 
 # ----------------------------------------------------------------------------- noise
-def test_noise_has_mean_zero_and_std_sigma_C(dpsgd):
+def test_noise_has_mean_zero_and_std_noise_multiplier_times_C(dpsgd):
     noise_multiplier, C = 1.3, 0.7
-    zeros = {"w": torch.zeros(500, 400, dtype=torch.float64), "b": torch.zeros(20_000, dtype=torch.float64)}
+    zeros = {"w": torch.zeros(500, 400, dtype=torch.float64),
+             "b": torch.zeros(20_000, dtype=torch.float64)}
     noisy = dpsgd.add_dp_noise(zeros, noise_multiplier, C, torch.Generator().manual_seed(0))
     z = torch.cat([v.flatten() for v in noisy.values()])
     n, std = z.numel(), noise_multiplier * C
@@ -280,17 +285,71 @@ def test_bad_input_is_refused_with_a_clear_error(dpsgd):
 
 
 # ----------------------------------------------------------------------------- secret noise
-def test_secret_generator_is_seeded_from_os_entropy(dpsgd, monkeypatch):
-    draw = lambda g: torch.randn(8, generator=g)
-    assert not torch.equal(draw(dpsgd.secret_generator()), draw(dpsgd.secret_generator()))
+def mt19937_reference(random_bytes, n):
+    """n raw 32-bit outputs of numpy's MT19937 (an independent implementation) whose 624 state
+    words are random_bytes, at position 624: its next draw twists the state first."""
+    bits = np.random.MT19937(0)
+    key = np.frombuffer(random_bytes, dtype=np.uint32).copy()
+    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
+    return bits.random_raw(n)
+
+
+def test_secret_generator_fills_the_whole_state_from_os_entropy(dpsgd, monkeypatch):
+    random_bytes = np.random.default_rng(0).bytes(4 * 624)
     calls = []
-    monkeypatch.setattr(dpsgd.secrets, "randbits", lambda k: calls.append(k) or 12345)
-    torch.testing.assert_close(draw(dpsgd.secret_generator()),
-                               draw(torch.Generator().manual_seed(12345)), rtol=0, atol=0)
-    assert calls == [63]  # 63 bits from the OS's CSPRNG (Python's secrets module)
-    torch.testing.assert_close(draw(dpsgd.secret_generator(insecure_seed=7)),
-                               draw(torch.Generator().manual_seed(7)), rtol=0, atol=0)
-    assert calls == [63]  # an explicit insecure seed does not consume entropy
+    monkeypatch.setattr(dpsgd.secrets, "token_bytes", lambda n: calls.append(n) or random_bytes)
+    gen = dpsgd.secret_generator()
+    assert calls == [4 * 624]  # all 624 words of the Mersenne Twister from the OS's CSPRNG
+    # randint below 2^16 takes one 32-bit output modulo 2^16: the same stream as numpy's
+    drawn = torch.randint(0, 2**16, (2000,), generator=gen).numpy()
+    np.testing.assert_array_equal(drawn, mt19937_reference(random_bytes, 2000) % 2**16)
+    dpsgd.secret_generator(insecure_seed=7)
+    assert calls == [4 * 624]  # an explicit insecure seed does not consume entropy
+
+
+def test_two_secret_generators_never_share_a_state(dpsgd):
+    g1, g2 = dpsgd.secret_generator(), dpsgd.secret_generator()
+    assert not torch.equal(g1.get_state(), g2.get_state())
+    assert torch.rand(1, generator=g1) != torch.rand(1, generator=g2)
+
+
+def test_insecure_seeds_differing_above_bit_32_give_different_draws(dpsgd):
+    # manual_seed keeps the low 32 bits of a seed: these three would be one and the same run
+    draw = lambda seed: torch.randn(8, generator=dpsgd.secret_generator(insecure_seed=seed))
+    seeds = [42, 42 + 2**32, 42 + 12345 * 2**40]
+    for i, a in enumerate(seeds):
+        assert torch.equal(draw(a), draw(a))  # the same seed replays exactly
+        for b in seeds[i + 1:]:
+            assert not torch.equal(draw(a), draw(b)), (a, b)
+
+
+def test_filled_state_clears_the_cached_normal(dpsgd):
+    """A scalar randn caches a second normal in the state: filling must not keep it (else the
+    first normal after the fill would be a value drawn before it)."""
+    random_bytes = bytes(range(256)) * 9 + bytes(range(192))  # any 4 * 624 bytes
+    used = torch.Generator().manual_seed(3)
+    torch.randn(1, generator=used)  # a scalar normal draw caches the second of its pair
+    flag = used.get_state()[-16:-12]  # normal_is_valid, the last int32 of the legacy state
+    assert torch.equal(flag, torch.tensor([1, 0, 0, 0], dtype=torch.uint8))
+    used, fresh = (dpsgd.fill_generator_state(g, random_bytes) for g in (used, torch.Generator()))
+    assert torch.equal(used.get_state(), fresh.get_state())
+    assert torch.randn(1, generator=used) == torch.randn(1, generator=fresh)
+
+
+def test_filled_state_gives_uniforms_and_standard_normals(dpsgd):
+    n = 100_000
+    gen = dpsgd.secret_generator(insecure_seed=11)  # fixed, so that the test is deterministic
+    u, z = torch.rand(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen)
+    assert 0 <= u.min() and u.max() < 1
+    # 5 standard errors: U(0,1) has variance 1/12; a normal's sample std has std 1/sqrt(2n)
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(z.double().mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.double().std().item() - 1) < 5 / math.sqrt(2 * n)
+
+
+def test_threads_default_to_torchs_choice(dpsgd):
+    assert dpsgd.parse_args([]).threads is None  # main() leaves torch's thread count alone
+    assert dpsgd.parse_args(["--threads", "2"]).threads == 2
 
 
 def _train(dpsgd, argv):
@@ -312,6 +371,8 @@ def test_training_randomness_is_secret_unless_an_insecure_seed_is_given(dpsgd, c
     w1, _ = _train(dpsgd, ["--insecure-noise-seed", "5"])
     w2, _ = _train(dpsgd, ["--insecure-noise-seed", "5"])
     assert torch.equal(w1, w2)
+    w3, _ = _train(dpsgd, ["--insecure-noise-seed", str(5 + 2**32)])  # same low 32 bits
+    assert not torch.equal(w1, w3)
     assert "privacy guarantee void: noise seed known" in capsys.readouterr().out
 
 
