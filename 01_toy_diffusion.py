@@ -1,6 +1,12 @@
-"""Chapter 01: diffusion on a 1-D mixture of Gaussians, where every answer is known exactly.
+"""Chapter 01 — Diffusion on a 1-D mixture of Gaussians, where every answer is known exactly.
 
 What you learn
+  How a diffusion model in EDM's form (Karras et al. 2022) works, on data whose ideal denoiser
+  is known in closed form: the forward process, that exact denoiser (the reference every learned
+  one is checked against), EDM's preconditioned network and loss, DPDM's noise multiplicity, and
+  sampling by solving the probability-flow ODE with Heun's method or with churn.
+
+Key equations and where they come from
   1. The forward process in EDM's sigma form: x_sigma = x_0 + sigma * n, n ~ N(0, 1), so the
      noisy marginals are p(x; sigma) = p_data * N(0, sigma^2)   (Karras et al. 2022, "EDM", Sec. 2).
   2. The exact denoiser D*(x; sigma) = E[x_0 | x_sigma = x]. For p_data = sum_k w_k N(mu_k, s_k^2):
@@ -25,7 +31,7 @@ What you learn
      noise of std sqrt(sigma_hat^2 - sigma_i^2); gamma = min(S_churn/N, sqrt(2) - 1) while
      S_min <= sigma_i <= S_max, else 0.
 
-Run:  python 01_toy_diffusion.py   (about 20 s of CPU on one thread; writes one figure to --out)
+Run:  python 01_toy_diffusion.py   (CPU only; writes one figure to --out)
 """
 import argparse
 import math
@@ -48,10 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int, default=64, help="sampler steps N (churn needs ~64)")
     p.add_argument("--samples", type=int, default=10_000, help="samples per sampler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice, all physical cores)")
     p.add_argument("--out", default="out/01_toy_diffusion")
     args = p.parse_args(argv)
-    counts = [args.n_train, args.steps, args.batch, args.K, args.hidden, args.samples, args.threads]
+    counts = [args.n_train, args.steps, args.batch, args.K, args.hidden, args.samples]
+    counts += [] if args.threads is None else [args.threads]
     if min(counts) < 1 or args.num_steps < 2:
         p.error("--n-train, --steps, --batch, --K, --hidden, --samples, --threads must be >= 1; "
                 "--num-steps >= 2")
@@ -195,7 +203,7 @@ def gradient_variance_vs_K(model, x0, Ks=(1, 2, 4, 8, 16), reps=256, generator=N
         g = per_example_grad(params, x, *draw_sigma_and_noise(x, K, generator))
         flat = torch.cat([v.reshape(len(x0), reps, -1) for v in g.values()], -1)
         # squared distances to the example's mean gradient; their mean is the (unbiased) variance
-        sq = (flat - flat.mean(1, keepdim=True)).pow(2).sum(-1) * reps / (reps - 1)  # [examples, reps]
+        sq = (flat - flat.mean(1, keepdim=True)).pow(2).sum(-1) * reps / (reps - 1)  # [ex., reps]
         se = (sq.var(1) / reps).sum().sqrt() / len(x0)  # standard error of the mean over both axes
         variances[K] = (sq.mean().item(), se.item())
     return variances
@@ -307,7 +315,8 @@ def plot_figure(paths_ode, paths_churn, samples, w1, path):
 
 def main():
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
@@ -334,7 +343,8 @@ def main():
     for K, (v, se) in var.items():
         r = K * v / v1
         ratio = "1 (reference)" if K == 1 else f"{r:.3f} +- {r * math.hypot(se / v, se1 / v1):.3f}"
-        print(f"  K = {K:2d}: variance {v:8.3f} +- {se:6.3f}   K * variance / variance(K=1) = {ratio}")
+        print(f"  K = {K:2d}: variance {v:8.3f} +- {se:6.3f}   "
+              f"K * variance / variance(K=1) = {ratio}")
 
     sigmas, reference = edm_sigma_steps(args.num_steps), sample_gmm(200_000, generator=gen)
     floor = wasserstein1(sample_gmm(args.samples, generator=gen), reference)
