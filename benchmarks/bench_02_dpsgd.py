@@ -1,16 +1,21 @@
 """Benchmark for chapter 02: what does privacy cost in compute?
 
-One small U-Net-like denoiser (convolutions, GroupNorm, self-attention at 7x7; 28x28 inputs,
-like DPDM's MNIST model but ~50x smaller) and one batch of B examples with K diffusion-noise
-draws each. Three ways to get a gradient, timed in the same run, interleaved, medians of
---repeats (the machine may be shared, so compare ratios, not absolute times):
-  non-private : loss.mean().backward() on the B*K noisy images (ordinary SGD)
-  DP step     : dp_sgd_step = per-example gradients (torch.func) + flat clip + noise + update
-  naive loop  : B backward passes of one example (with its K draws) each
-Then the variants we tried to bring the DP step closer to the non-private one.
+It times one gradient step three ways, on one small U-Net-like denoiser (convolutions,
+GroupNorm, self-attention at 7x7; 28x28 inputs, like DPDM's MNIST model but much smaller) and
+one batch of B examples with K diffusion-noise draws each:
+  non-private : loss.mean().backward() on the B*K noisy images, then SGD
+  DP step     : 02's dp_sgd_step: per-example gradients (torch.func), flat clip, noise, update
+  naive loop  : B backward passes of one example (with its K draws) each, then clip and noise
+Calls are interleaved and each time is the median of --repeats, so that a change in the load of
+the machine hits every method alike; compare the ratios to the non-private step, which carry
+over between machines better than absolute times. A second table times variants of the DP step
+against the same non-private step: no chunking, fixed chunk sizes, channels_last, K folded into
+vmap, two threads. --compile adds torch.compile on both sides; --tuned-malloc restarts with
+glibc's malloc told to keep freed memory (TUNED_MALLOC).
 
-    python benchmarks/bench_02_dpsgd.py [--batch 32] [--ks 1 4 32] [--repeats 7] [--compile]
-                                        [--tuned-malloc]
+    python benchmarks/bench_02_dpsgd.py                    # both tables, one thread
+    python benchmarks/bench_02_dpsgd.py --no-variants --ks 1 4 --repeats 3    # a quick look
+    python benchmarks/bench_02_dpsgd.py --batch 64 --compile --tuned-malloc
 """
 import argparse
 import importlib.util
@@ -33,11 +38,12 @@ spec.loader.exec_module(dpsgd)
 
 def parse_args():
     p = argparse.ArgumentParser(description="DP-SGD step cost vs non-private step")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 32])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32, help="examples per step, B")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 32], help="noise multiplicities")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per method (median)")
+    p.add_argument("--channels", type=int, default=16, help="width of the small U-Net")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, the same for both sides")
     p.add_argument("--images-per-chunk", type=int, default=256,
                    help="DP step: vmap over chunk_size = max(1, this // K) examples at a time")
     p.add_argument("--no-variants", action="store_true", help="only the main table")
@@ -57,7 +63,8 @@ class SmallUNet(nn.Module):
         self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
         self.down1, self.norm1 = nn.Conv2d(ch, c2, 3, stride=2, padding=1), nn.GroupNorm(4, c2)
         self.down2, self.norm2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1), nn.GroupNorm(4, c2)
-        self.qkv, self.proj, self.norm_a = nn.Conv2d(c2, 3 * c2, 1), nn.Conv2d(c2, c2, 1), nn.GroupNorm(4, c2)
+        self.qkv, self.proj = nn.Conv2d(c2, 3 * c2, 1), nn.Conv2d(c2, c2, 1)
+        self.norm_a = nn.GroupNorm(4, c2)
         self.up1, self.norm3 = nn.Conv2d(c2, c2, 3, padding=1), nn.GroupNorm(4, c2)
         self.up2, self.norm4 = nn.Conv2d(c2, ch, 3, padding=1), nn.GroupNorm(4, ch)
         self.conv_out = nn.Conv2d(ch, 1, 3, padding=1)
@@ -81,7 +88,8 @@ def loss_folding_K_into_vmap(K):
     clipping. Same result, but K times more per-example gradients in memory."""
     def per_example(model, loss_fn, x, sigma, n, chunk_size=None):
         B = x.shape[0]
-        g, _ = dpsgd.per_example_grads(model, loss_fn, x.repeat_interleave(K, 0), sigma.reshape(B * K, 1),
+        g, _ = dpsgd.per_example_grads(model, loss_fn, x.repeat_interleave(K, 0),
+                                       sigma.reshape(B * K, 1),
                                        n.reshape(B * K, 1, *x.shape[1:]), chunk_size=chunk_size)
         return {k: v.reshape(B, K, *v.shape[1:]).mean(1) for k, v in g.items()}
     return per_example
@@ -91,7 +99,8 @@ def make_steps(model, batch, chunk_size=None, per_example=None, np_chunk_size=No
     """The closures to time; all update the model with SGD. chunk_size: the DP step's chunks;
     np_chunk_size: the non-private step accumulates gradients over chunks of that size."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)  # timing only: a real run draws from dpsgd.secret_generator()
+    # timing only: a real run draws from dpsgd.secret_generator()
+    gen = torch.Generator().manual_seed(0)
     B = batch[0].shape[0]
     kw = dict(C=1.0, noise_multiplier=1.0, expected_batch_size=float(B), generator=gen)
 
@@ -106,7 +115,8 @@ def make_steps(model, batch, chunk_size=None, per_example=None, np_chunk_size=No
         if per_example is None:
             dpsgd.dp_sgd_step(model, opt, dpsgd.edm_loss, *batch, chunk_size=chunk_size, **kw)
             return
-        g = dpsgd.clip_per_example(per_example(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size), 1.0)
+        grads = per_example(model, dpsgd.edm_loss, *batch, chunk_size=chunk_size)
+        g = dpsgd.clip_per_example(grads, 1.0)
         noisy = dpsgd.add_dp_noise({k: v.sum(0) for k, v in g.items()}, 1.0, 1.0, gen)
         for k, p in model.named_parameters():
             p.grad = noisy[k] / B
@@ -114,8 +124,8 @@ def make_steps(model, batch, chunk_size=None, per_example=None, np_chunk_size=No
 
     def naive():
         grads, _ = dpsgd.naive_per_example_grads(model, dpsgd.edm_loss, *batch)
-        noisy = dpsgd.add_dp_noise({k: v.sum(0) for k, v in dpsgd.clip_per_example(grads, 1.0).items()},
-                                1.0, 1.0, gen)
+        summed = {k: v.sum(0) for k, v in dpsgd.clip_per_example(grads, 1.0).items()}
+        noisy = dpsgd.add_dp_noise(summed, 1.0, 1.0, gen)
         for k, p in model.named_parameters():
             p.grad = noisy[k] / B
         opt.step()
@@ -166,21 +176,21 @@ def main():
           f"{args.threads} thread(s), medians of {args.repeats} interleaved repeats; DP step with "
           f"chunk_size = max(1, {args.images_per_chunk} // K); malloc "
           f"{'tuned' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'default'}")
-    print("\n| K | chunk_size | non-private (ms) | DP step (ms) | naive loop (ms) | DP / non-private "
-          "| naive / non-private |")
+    print("\n| K | chunk_size | non-private (ms) | DP step (ms) | naive loop (ms) "
+          "| DP / non-private | naive / non-private |")
     print("|---|---|---|---|---|---|---|")
     for K in args.ks:  # each ratio from its own interleaved pair: what runs in between matters
         fns = make_steps(*setup(args, K), auto_chunk[K])
         t = time_interleaved({k: fns[k] for k in ("non-private", "DP step")}, args.repeats)
         t2 = time_interleaved({k: fns[k] for k in ("non-private", "naive loop")}, args.repeats)
         print(f"| {K} | {auto_chunk[K] if auto_chunk[K] < args.batch else 'all'} "
-              f"| {1e3 * t['non-private']:.0f} | {1e3 * t['DP step']:.0f} | {1e3 * t2['naive loop']:.0f} "
-              f"| {t['DP step'] / t['non-private']:.2f} | {t2['naive loop'] / t2['non-private']:.2f} |",
-              flush=True)
+              f"| {1e3 * t['non-private']:.0f} | {1e3 * t['DP step']:.0f} "
+              f"| {1e3 * t2['naive loop']:.0f} | {t['DP step'] / t['non-private']:.2f} "
+              f"| {t2['naive loop'] / t2['non-private']:.2f} |", flush=True)
     if args.no_variants:
         return
 
-    print("\nVariants tried: DP step / plain non-private step, same run. In brackets: / a non-private")
+    print("\nVariants: DP step / plain non-private step, same run. In brackets: / a non-private")
     print("step that accumulates its gradient over the same chunks (chunking helps it too).")
     print("\n| variant | " + " | ".join(f"K={K}" for K in args.ks) + " |")
     print("|---|" + "---|" * len(args.ks))
@@ -195,10 +205,12 @@ def main():
             torch.set_num_threads(v.get("threads", args.threads))
             model, batch = setup(args, K, v.get("channels_last", False))
             chunk = v.get("chunk", auto_chunk[K])
-            fns = make_steps(model, batch, chunk, loss_folding_K_into_vmap(K) if v.get("fold") else None)
+            fold = loss_folding_K_into_vmap(K) if v.get("fold") else None
+            fns = make_steps(model, batch, chunk, fold)
             del fns["naive loop"]
             if chunk is not None and chunk < args.batch:
-                fns["chunked non-private"] = make_steps(model, batch, np_chunk_size=chunk)["non-private"]
+                chunked = make_steps(model, batch, np_chunk_size=chunk)
+                fns["chunked non-private"] = chunked["non-private"]
             t = time_interleaved(fns, args.repeats)
             cell = f"{t['DP step'] / t['non-private']:.2f}"
             if "chunked non-private" in t:
@@ -237,8 +249,9 @@ def compiled(args):
             model.zero_grad(set_to_none=True)
             dpsgd.edm_loss(fast_model, *batch).mean().backward()
         t = time_interleaved({"dp": dp, "np": non_private}, args.repeats)
-        print(f"| {K} | {compile_s:.0f} | {t['dp'] / t['np']:.2f} ({1e3 * t['dp']:.0f} vs {1e3 * t['np']:.0f} ms) |",
-              flush=True)
+        print(f"| {K} | {compile_s:.0f} | {t['dp'] / t['np']:.2f} "
+              f"({1e3 * t['dp']:.0f} vs {1e3 * t['np']:.0f} ms) |", flush=True)
+
 
 if __name__ == "__main__":
     main()
