@@ -1,33 +1,38 @@
-"""Chapter 3 - where epsilon comes from: a from-scratch privacy accountant for DP-SGD / DPDM.
+"""Chapter 03 — Where epsilon comes from: a privacy accountant for DP-SGD, written from scratch
 
-DPDM (Dockhorn et al., TMLR 2023) trains with DP-SGD: each step Poisson-samples a batch with
-rate q, clips per-example gradients to norm C and adds N(0, sigma^2 C^2 I). This script turns
-(q, sigma, steps, delta) into the epsilon the paper reports, and back. Here sigma (s in the
-formulas) is the DP noise multiplier, `noise_multiplier` in the code, not a diffusion noise level.
+What you learn: how the (epsilon, delta) that DPDM reports follows from its DP-SGD settings,
+the Poisson sampling rate q, the noise multiplier s and the number of steps T. Renyi DP (RDP)
+of one subsampled Gaussian step, composed over T steps and converted to (epsilon, delta); the
+smallest noise multiplier that reaches a target epsilon; then, going further, a tight
+accountant that needs less noise for the same guarantee, and an audit that attacks DP-SGD.
 
-1. Renyi DP of one step, the Poisson-subsampled Gaussian (Mironov, Talwar, Zhang 2019, Sec. 3):
-       A_a = E_{z ~ mu0}[(mu(z)/mu0(z))^a],  mu0 = N(0, s^2),  mu = (1-q) mu0 + q N(1, s^2),
-       RDP(a) = log(A_a) / (a - 1).
-   Integer a, binomial expansion (all terms positive, so nothing cancels):
-       A_a - 1 = sum_{k>=2} C(a,k) q^k (1-q)^(a-k) (exp(k(k-1)/(2 s^2)) - 1).
-   Fractional a: split the integral at z0 = s^2 log(1/q - 1) + 1/2, where q N(1,s^2) = (1-q) mu0,
-   and expand (1-q + q r)^a, r = exp((2z-1)/(2 s^2)), in the smaller ratio on each side:
-       A_a = sum_i C(a,i) (1-q)^(a-i) q^i     exp((i^2-i)/(2s^2)) Phi((z0-i)/s)
-           + sum_i C(a,i) q^(a-i)     (1-q)^i exp((j^2-j)/(2s^2)) Phi((j-z0)/s),   j = a - i.
-   Special cases: q = 0 gives 0, q = 1 the plain Gaussian mechanism a/(2 s^2).
-2. Composition: RDP adds over steps and over the segments of a schedule (Mironov 2017, Prop. 1).
-3. (eps, delta): Mironov 2017 (Prop. 3)   eps = RDP(a) + log(1/delta)/(a-1); Balle et al. 2020
-   (Thm. 21) eps = RDP(a) + log((a-1)/a) - (log delta + log a)/(a-1); minimised over orders a.
-4. Calibration: the smallest sigma (to 1e-6 relative) with eps <= target, inside a shrinking
-   bracket, so it never overshoots. The common "stop within 0.01 of the target eps" search
-   overpays: at DPDM's eps = 0.2 it returns sigma = 85.0 instead of 80.12.
-5. Going further: a tight accountant. The privacy loss L = log(P/Q) of one step has a
-   distribution (PLD); discretise it pessimistically, compose T steps with one FFT and read
-   delta(eps) = E[(1 - e^(eps - L))+] (Koskela et al. 2020; Doroshenko et al. 2022).
-6. Is it really private? A one-run audit attacks the mechanism with canaries and turns its
-   successful guesses into a statistical LOWER bound on eps (Steinke, Nasr, Jagielski 2023).
-Run:  python 03_accountant.py            (DPDM table, tight comparison, figure; ~5 s)
-      python 03_accountant.py --audit    (audit of correct and broken DP-SGD; ~10 s)
+Each DP-SGD step (DPDM Sec. 2) samples every example with probability q, clips its gradient to
+norm C and adds N(0, s^2 C^2 I): with mu0 = N(0, s^2) and mu = (1-q) mu0 + q N(1, s^2), the
+output's law without and with one example, in units of C:
+ (1) RDP of one step at order a > 1 (Mironov, Talwar, Zhang 2019, Sec. 3.3):
+       RDP(a) = log(A_a) / (a - 1),   A_a = E_{z ~ mu0}[(mu(z) / mu0(z))^a];   q = 1: a / (2 s^2).
+     Integer a (their case I), every term >= 0:
+       A_a - 1 = sum_{k>=2} C(a,k) q^k (1-q)^(a-k) (exp(k(k-1) / (2 s^2)) - 1).
+     Fractional a (case II): with r = exp((2z-1) / (2 s^2)), split at z0 = s^2 log(1/q - 1) + 1/2
+     (where q r = 1 - q) and expand (1 - q + q r)^a in the smaller term on each side:
+       A_a = sum_i C(a,i) (1-q)^(a-i) q^i     exp((i^2-i) / (2 s^2)) Phi((z0 - i) / s)
+           + sum_i C(a,i) q^(a-i)     (1-q)^i exp((j^2-j) / (2 s^2)) Phi((j - z0) / s),  j = a - i.
+ (2) Composition: RDP adds up over steps and schedule segments (Mironov 2017, Prop. 1).
+ (3) (eps, delta), minimised over the orders a (Balle et al. 2020, Thm. 21):
+       eps = T RDP(a) + log((a-1)/a) - (log delta + log a) / (a-1);
+     Mironov 2017, Prop. 3, has the looser eps = T RDP(a) + log(1/delta) / (a-1).
+ (4) Noise-multiplier calibration: the smallest s with eps(s) <= target, to 1e-6 relative: the
+     upper end of a shrinking bracket, so it never overshoots the target.
+ (5) Tight accountant: the privacy loss L = log(P/Q) of one step has a distribution (PLD);
+     discretised pessimistically and composed by one FFT, it gives
+       delta(eps) = E[(1 - e^(eps - L))+]   (Koskela et al. 2020; Doroshenko et al. 2022),
+     at q = 1 the exact curve of the Gaussian mechanism (Balle & Wang 2018, Thm. 8):
+       delta(eps) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s).
+ (6) One-run audit (Steinke, Nasr, Jagielski 2023): m canaries, r guesses, v of them right; an
+     (eps, 0)-DP mechanism is right w.p. <= e^eps / (1 + e^eps) each time, so a large v
+     refutes eps at a chosen significance: a statistical LOWER bound eps_LB.
+Run:  python 03_accountant.py            (DPDM's noise multipliers, tight column, figure)
+      python 03_accountant.py --audit    (audit of correct and broken DP-SGD, its figure)
       python 03_accountant.py --noise-multiplier 2.5 --batch-size 4096 --n 60000 --epochs 300
       python 03_accountant.py --target-epsilon 1 --q 0.01 --steps 10000 --delta 1e-5
 """
@@ -41,89 +46,10 @@ import numpy as np
 
 # Opacus' DEFAULT_ALPHAS (opacus/accountants/rdp.py): 1.1..10.9 in steps of 0.1, then 12..63.
 OPACUS_ORDERS = np.array([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
-# Ours adds 11, integers to 100 (the best order at DPDM's eps = 0.2 is 69, beyond Opacus' grid)
-# and a sparse tail to 256.
+# Ours adds 11, the integers to 100 (at small eps the best order lies beyond Opacus' 63) and a
+# sparse tail to 256.
 DEFAULT_ORDERS = np.concatenate([OPACUS_ORDERS[:99], [11], OPACUS_ORDERS[99:], np.arange(64, 101),
                                  [112, 128, 160, 192, 224, 256]]).astype(float)
-DPDM = {"MNIST / F-MNIST": dict(n=60000, batch_size=4096, epochs=300, delta=1e-5, eps=(10, 1, 0.2)),
-        "CelebA 32": dict(n=162770, batch_size=2048, epochs=300, delta=1e-6, eps=(10, 1))}
-
-
-def flag_value(convert, ok, need):
-    """An argparse type: the text converted, or refused with what the flag needs (argparse
-    puts the flag's name in front); nan fails every comparison, so `ok` refuses it too."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"got {text!r}; give {need}")
-        return value
-    return parse
-
-
-POSITIVE = flag_value(float, lambda v: 0 < v < math.inf, "a finite number > 0")
-COUNT = flag_value(int, lambda v: v >= 1, "a whole number >= 1")
-RATE = flag_value(float, lambda v: 0 < v <= 1, "a sampling rate in (0, 1], e.g. 0.01")
-DELTA = flag_value(float, lambda v: 0 < v < 1, "a probability in (0, 1) well below 1/N, e.g. 1e-5")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.error = lambda message: p.exit(  # one line that says what to do, not the usage block
-        2, f"error: {message}. See: python {pathlib.Path(__file__).name} --help\n")
-    question = p.add_mutually_exclusive_group()
-    question.add_argument("--noise-multiplier", "--sigma", type=POSITIVE, dest="noise_multiplier",
-                          help="print the epsilon this noise multiplier gives, a finite number "
-                               "> 0; --sigma is an older name (default: none; without it or "
-                               "--target-epsilon: the DPDM table and the figure)")
-    question.add_argument("--target-epsilon", type=POSITIVE,
-                          help="print the smallest noise multiplier reaching this epsilon, a "
-                               "finite number > 0 (default: none)")
-    p.add_argument("--q", type=RATE, help="Poisson sampling rate, in (0, 1] (default: DPDM's "
-                                          "loader's, q = 1 / ceil(n / batch-size))")
-    p.add_argument("--batch-size", type=COUNT, default=4096,
-                   help="expected batch size, a whole number >= 1 (default: %(default)s)")
-    p.add_argument("--n", type=COUNT, default=60000,
-                   help="training-set size, a whole number >= 1 (default: %(default)s)")
-    p.add_argument("--steps", type=COUNT, help="DP-SGD steps, a whole number >= 1 (default: "
-                                               "epochs / q with --q, else epochs * ceil(n / B))")
-    p.add_argument("--epochs", type=POSITIVE, default=300,
-                   help="epochs, a finite number > 0 (default: %(default)s)")
-    p.add_argument("--delta", type=DELTA, default=1e-5,
-                   help="delta, in (0, 1) and well below 1 / n (default: %(default)g)")
-    p.add_argument("--table", action="store_true",
-                   help="only the DPDM noise-multiplier table, no figure (default: off)")
-    p.add_argument("--no-tight", action="store_true",
-                   help="skip the tight (PLD) accountant (default: off, so it runs)")
-    p.add_argument("--audit", action="store_true",
-                   help="one-run privacy audit of correct and deliberately broken DP-SGD: "
-                        "a table and audit.png in --out (default: off)")
-    p.add_argument("--out", default="out/03_accountant",
-                   help="folder for the figures, created if missing; not a file "
-                        "(default: %(default)s)")
-    p.add_argument("--threads", type=COUNT, default=1,
-                   help="torch threads (used for log Phi), a whole number >= 1 (default: "
-                        "%(default)s)")
-    return p
-
-
-def parse_args(argv=None):
-    """The flags, every value checked (one line each) before anything runs."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    out = pathlib.Path(args.out)
-    if any(path.exists() and not path.is_dir() for path in (out, *out.parents)):
-        p.error(f"argument --out: {args.out} is a file or inside one; give a folder")
-    if args.noise_multiplier is None and args.target_epsilon is None:
-        return args
-    if args.q is None and args.delta >= 1 / args.n:
-        p.error(f"argument --delta: {args.delta:g} >= 1/N = {1 / args.n:.2g} (--n {args.n}); "
-                "take delta well below 1/N")
-    if query_sampling(args)[1] == 0:
-        p.error(f"argument --epochs: {args.epochs:g} epochs make 0 steps; give more, or --steps")
-    return args
 
 
 def check_inputs(q=None, noise_multiplier=None, delta=None, epsilon=None, steps=None):
@@ -140,6 +66,7 @@ def check_inputs(q=None, noise_multiplier=None, delta=None, epsilon=None, steps=
         raise ValueError(f"steps={steps} must be a non-negative integer")
 
 
+# ============================================================ Part 1: the RDP accountant
 # ------------------------------------------------------------------ 1. RDP of one step
 def log_normal_cdf(x):
     """log Phi(x) for an array, accurate far into both tails (numpy has no erfc; torch does).
@@ -157,11 +84,11 @@ def signed_logsumexp(log_abs, sign):
 
 def log_a_integer(q, noise_multiplier, alphas):
     """log A_a for integer orders: binomial expansion of A_a - 1, every term >= 0."""
-    sigma = noise_multiplier  # the formulas of this section write s (here sigma) for brevity
+    s = noise_multiplier
     a = np.asarray(alphas, dtype=int)[:, None]
     k = np.arange(2, a.max() + 1)[None, :]
     log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, a.max() + 1)))])
-    x = k * (k - 1) / (2 * sigma**2)  # log(e^x - 1) = x + log(1 - e^-x), stable for any x > 0
+    x = k * (k - 1) / (2 * s**2)  # log(e^x - 1) = x + log(1 - e^-x), stable for any x > 0
     log_terms = (log_fact[a] - log_fact[k] - log_fact[np.maximum(a - k, 0)] + k * math.log(q)
                  + (a - k) * math.log1p(-q) + x + np.log(-np.expm1(-x)))
     log_terms = np.where(k <= a, log_terms, -np.inf)
@@ -170,37 +97,37 @@ def log_a_integer(q, noise_multiplier, alphas):
 
 def log_a_fractional(q, noise_multiplier, alphas, n_terms=32):
     """log A_a for fractional orders by the two series above, in log space with signs.
-    A_a is close to 1 when q is tiny or sigma large, so we sum A_a - 1 directly: subtract
+    A_a is close to 1 when q is tiny or s large, so we sum A_a - 1 directly: subtract
     E[1 + a q (r - 1)] = 1 (as E[r] = 1) on both sides of z0; this changes the terms i = 0, 1
     of the first series and adds two terms. Beyond i > a + 1 the terms alternate in sign and
-    shrink (slowly, ~i^-(a+2), when sigma is small), and such a tail is smaller than its first
+    shrink (slowly, ~i^-(a+2), when s is small), and such a tail is smaller than its first
     term: orders whose last terms are not yet below e^-30 (A_a - 1) are redone with twice the
     terms, and the size of the last terms is added: the result is an upper bound. Near q = 1/2
-    z0 is small and the Phi factors cut nothing before i ~ several sigma: orders not done with
-    4096 terms (sigma >~ 100) go to quadrature, which is accurate there."""
-    sigma = noise_multiplier
+    z0 is small and the Phi factors cut nothing before i ~ several s: orders not done with
+    4096 terms (large s) go to quadrature, which is accurate there."""
+    s = noise_multiplier
     a, i = np.asarray(alphas, dtype=float)[:, None], np.arange(n_terms)[None, :]
     j = a - i
     log_q, log_1mq = math.log(q), math.log1p(-q)
-    z0 = sigma**2 * (log_1mq - log_q) + 0.5
+    z0 = s**2 * (log_1mq - log_q) + 0.5
     # log|C(a,i)| = sum_{m<i} log|a - m| - log i!;  C(a,i) < 0 iff i - floor(a) - 1 is odd > 0
     log_binom = (np.cumsum(np.hstack([0 * a, np.log(np.abs(j))[:, :-1]]), axis=1)
                  - np.cumsum(np.log(np.maximum(i, 1))))
     sign = np.where(i > np.floor(a) + 1, (-1.0) ** (i - np.floor(a) - 1), 1.0)
-    log_s1 = (log_binom + i * log_q + j * log_1mq + (i * i - i) / (2 * sigma**2)
-              + log_normal_cdf((z0 - i) / sigma))
-    log_s2 = (log_binom + j * log_q + i * log_1mq + (j * j - j) / (2 * sigma**2)
-              + log_normal_cdf((j - z0) / sigma))
+    log_s1 = (log_binom + i * log_q + j * log_1mq + (i * i - i) / (2 * s**2)
+              + log_normal_cdf((z0 - i) / s))
+    log_s2 = (log_binom + j * log_q + i * log_1mq + (j * j - j) / (2 * s**2)
+              + log_normal_cdf((j - z0) / s))
     # z < z0: i = 0, 1 become ((1-q)^a - 1 + a q) Phi(z0/s) >= 0 and
     # a q ((1-q)^(a-1) - 1) Phi((z0-1)/s) < 0
     a, sign1 = a[:, 0], sign.copy()
-    log_s1[:, 0] = np.log(np.maximum(np.expm1(a * log_1mq) + a * q, 0)) + log_normal_cdf(z0 / sigma)
+    log_s1[:, 0] = np.log(np.maximum(np.expm1(a * log_1mq) + a * q, 0)) + log_normal_cdf(z0 / s)
     log_s1[:, 1] = (np.log(a * q) + np.log(-np.expm1((a - 1) * log_1mq))
-                    + log_normal_cdf((z0 - 1) / sigma))
+                    + log_normal_cdf((z0 - 1) / s))
     sign1[:, 1] = -1.0
     # z > z0: minus (1 - a q) P(z > z0) + a q E[r; z > z0]
-    log_c = np.stack([np.log(np.abs(1 - a * q)) + log_normal_cdf(-z0 / sigma),
-                      np.log(a * q) + log_normal_cdf((1 - z0) / sigma)], axis=1)
+    log_c = np.stack([np.log(np.abs(1 - a * q)) + log_normal_cdf(-z0 / s),
+                      np.log(a * q) + log_normal_cdf((1 - z0) / s)], axis=1)
     sign_c = np.stack([-np.sign(1 - a * q), -np.ones_like(a)], axis=1)
     with np.errstate(invalid="ignore"):  # too few terms can leave a partial sum < 0: NaN, redo
         log_a_minus_1 = signed_logsumexp(np.hstack([log_s1, log_s2, log_c]),
@@ -210,17 +137,17 @@ def log_a_fractional(q, noise_multiplier, alphas, n_terms=32):
     # "not (last < ...)" is also True for NaN: too few terms can sum to < 0 (at q = 1/2)
     redo = ~(last < log_a_minus_1 - 30) | (n_terms <= a + 1)
     if redo.any() and n_terms < 4096:
-        out[redo] = log_a_fractional(q, sigma, a[redo], 2 * n_terms)
+        out[redo] = log_a_fractional(q, s, a[redo], 2 * n_terms)
     elif redo.any():
-        out[redo] = log_a_quadrature(q, sigma, a[redo])
+        out[redo] = log_a_quadrature(q, s, a[redo])
     return out
 
 
 def log_a_quadrature(q, noise_multiplier, alphas, n=20001):
     """log A_a by the trapezoid rule on A_a - 1 = E_{z ~ mu0}[(1-q+q r)^a - 1 - a q (r - 1)]
     (the subtracted term has mean 0, so nothing cancels). Used where the series converge too
-    slowly, i.e. sigma >~ 100: there the integrand varies on the scale sigma^2 and the grid step
-    is sigma / 700, the tails beyond 14 sigma are < e^-98, so the rule is accurate to ~1e-12;
+    slowly, i.e. at large s: there the integrand varies on the scale s^2 and the grid step
+    is about s / 700, the tails beyond 14 s are < e^-98, so the rule is accurate to ~1e-12;
     A_a - 1 is raised by 1e-9 relative to stay an upper bound."""
     s, a = noise_multiplier, np.asarray(alphas, dtype=float)[:, None]
     z = np.linspace(-14 * s, a.max() + 14 * s, n)  # r^a mu0 is centred at z = a
@@ -289,19 +216,20 @@ def epsilon_rdp(q, noise_multiplier, steps, delta, orders=DEFAULT_ORDERS):
         return get_privacy_spent(orders, compute_rdp(q, noise_multiplier, steps, orders), delta)[0]
 
 
-# ------------------------------------------------------------------ 4. calibration
-def calibrate_noise(eps_of_sigma, target_epsilon, rtol, guess=1.0, factor=2.0):
-    """Smallest sigma with eps_of_sigma(sigma) <= target, to rtol. The bracket keeps
+# ------------------------------------------------------------------ 4. noise-multiplier calibration
+def calibrate_noise(eps_of, target_epsilon, rtol, guess=1.0, factor=2.0):
+    """Smallest noise multiplier s with eps_of(s) <= target, to rtol. The bracket keeps
     eps(lo) > target >= eps(hi) and we return hi, so the answer never overshoots the target.
-    log eps is nearly linear in log sigma, so each trial is where the chord between the two
+    log eps is nearly linear in log s, so each trial is where the chord between the two
     ends crosses the target (regula falsi); halving the value kept at an end that stayed put
-    twice (the Illinois rule) makes both ends converge: ~10 evaluations instead of ~25."""
-    f = lambda s: math.log(max(eps_of_sigma(s), 1e-300) / target_epsilon)  # > 0: too little noise
+    twice (the Illinois rule) makes both ends converge, in far fewer evaluations than bisection."""
+    f = lambda s: math.log(max(eps_of(s), 1e-300) / target_epsilon)  # > 0: too little noise
     hi, f_hi = guess, f(guess)
     while f_hi > 0:
         if hi > 1e6:
-            raise ValueError(f"no sigma <= 1e6 reaches eps={target_epsilon}: with RDP, eps cannot "
-                             "fall below ~log(1/delta)/(max order - 1); add larger orders")
+            raise ValueError(f"no noise multiplier <= 1e6 reaches eps={target_epsilon}: with "
+                             "RDP, eps cannot fall below ~log(1/delta)/(max order - 1); add "
+                             "larger orders")
         hi, f_hi = hi * factor, f(hi * factor)
     lo, f_lo = hi / factor, f(hi / factor)
     while f_lo <= 0:
@@ -323,19 +251,19 @@ def calibrate_noise(eps_of_sigma, target_epsilon, rtol, guess=1.0, factor=2.0):
 
 def get_noise_multiplier(target_epsilon, delta, sample_rate, steps, orders=DEFAULT_ORDERS,
                          rtol=1e-6):
-    """The smallest noise multiplier sigma (to rtol) with eps(sigma) <= target_epsilon."""
+    """The smallest noise multiplier (to rtol) whose RDP eps is <= target_epsilon."""
     check_inputs(q=sample_rate, delta=delta, epsilon=target_epsilon, steps=steps)
     if sample_rate == 0 or steps == 0:
-        raise ValueError("with q = 0 or 0 steps nothing is released: any sigma > 0 works")
-    sigma = calibrate_noise(lambda s: epsilon_rdp(sample_rate, s, steps, delta, orders),
+        raise ValueError("with q = 0 or 0 steps nothing is released: any noise works")
+    noise = calibrate_noise(lambda s: epsilon_rdp(sample_rate, s, steps, delta, orders),
                             target_epsilon, rtol)
-    get_privacy_spent(orders, compute_rdp(sample_rate, sigma, steps, orders), delta)  # edge?
-    return sigma
+    get_privacy_spent(orders, compute_rdp(sample_rate, noise, steps, orders), delta)  # edge?
+    return noise
 
 
 def noise_multiplier_within_tolerance(target_epsilon, delta, sample_rate, steps, orders):
-    """The search common in libraries, for comparison: double sigma from 10 until eps < target,
-    then bisect sigma from 0 until eps lies within 0.01 below the target."""
+    """The search common in libraries, for comparison: double the noise multiplier from 10 until
+    eps < target, then bisect it from 0 until eps lies within 0.01 below the target."""
     eps = lambda s: epsilon_rdp(sample_rate, s, steps, delta, orders)
     lo, hi = 0.0, 10.0
     while (eps_hi := eps(hi)) > target_epsilon:
@@ -349,7 +277,9 @@ def noise_multiplier_within_tolerance(target_epsilon, delta, sample_rate, steps,
     return hi
 
 
-# ------------------------------------------------------------------ 5. tight accountant (PLD)
+# ============================================================ Part 2: a tight accountant (PLD)
+# Going further. RDP bounds eps through moments of the privacy loss and loses a little in the
+# conversion; the privacy loss distribution itself gives the exact delta(eps) up to the grid.
 def pld_one_step(q, noise_multiplier, h, remove):
     """Distribution of the privacy loss L = log(P/Q)(x), x ~ P, of one step, on the grid k*h.
     remove: P = mu (mixture), Q = mu0;  add: P = mu0, Q = mu. L is monotone in x, so the
@@ -357,21 +287,21 @@ def pld_one_step(q, noise_multiplier, h, remove):
     the mass of each cell [l_k, l_k+1) is split between its two ends so that E_P[e^-L]
     (= the Q-mass) is kept; by convexity this can only raise every delta(eps) (a mean-preserving
     spread of e^-L, as in Doroshenko et al. 2022), and such dominance survives composition.
-    Losses above the grid (x beyond 8 sigma) count as infinite, losses below it round up."""
-    sigma, sign = noise_multiplier, 1.0 if remove else -1.0
+    Losses above the grid (x beyond 8 s) count as infinite, losses below it round up."""
+    s, sign = noise_multiplier, 1.0 if remove else -1.0
     # L(x) = +-log((1-q) + q e^y), y = (2x-1)/(2 s^2), as a log-sum: it stays finite where
     # e^y underflows (log1p(q expm1(y)) would be log(0) at q = 1, the Gaussian mechanism)
     log_1mq = math.log1p(-q) if q < 1 else -math.inf
-    loss_at = lambda x: sign * np.logaddexp(log_1mq, math.log(q) + (2 * x - 1) / (2 * sigma**2))
-    ends = sorted([loss_at(-8 * sigma), loss_at(1 + 8 * sigma)])
+    loss_at = lambda x: sign * np.logaddexp(log_1mq, math.log(q) + (2 * x - 1) / (2 * s**2))
+    ends = sorted([loss_at(-8 * s), loss_at(1 + 8 * s)])
     k0, k1 = math.floor(ends[0] / h), math.ceil(ends[1] / h)
     losses = np.arange(k0, k1 + 1) * h
     with np.errstate(divide="ignore"):  # x(l) = -inf where no x reaches the loss l
-        x = sigma**2 * np.log(np.maximum(np.exp(sign * losses) - (1 - q), 0) / q) + 0.5
+        x = s**2 * np.log(np.maximum(np.exp(sign * losses) - (1 - q), 0) / q) + 0.5
     # L >= l  <=>  x >= x(l) (remove) or x <= x(l) (add): that tail under mu0 and under mu
     cdf = lambda z: np.exp(log_normal_cdf(z))
-    tail_mu0 = cdf(-sign * x / sigma)
-    tail_mu = (1 - q) * tail_mu0 + q * cdf(sign * (1 - x) / sigma)
+    tail_mu0 = cdf(-sign * x / s)
+    tail_mu = (1 - q) * tail_mu0 + q * cdf(sign * (1 - x) / s)
     surv_p, surv_q = (tail_mu, tail_mu0) if remove else (tail_mu0, tail_mu)
     p_cell, q_cell = -np.diff(surv_p), -np.diff(surv_q)
     to_right = np.clip((p_cell - q_cell * np.exp(losses[:-1])) / -np.expm1(-h), 0, p_cell)
@@ -426,20 +356,21 @@ def eps_from_pld(losses, pmf, delta):
 
 def pld_epsilon(q, noise_multiplier, steps, delta, h=None):
     """Tight eps of `steps` Poisson-subsampled Gaussian steps (worse of remove / add).
-    Grid step h: by default 2% of the spread of one step's loss, q sqrt(e^(1/sigma^2) - 1):
-    the FFT then has ~16 sqrt(steps) / 0.02 cells and the eps error is ~5e-5 relative."""
+    Grid step h: by default 2% of the spread of one step's loss, q sqrt(e^(1/s^2) - 1),
+    at most 1e-2. Each step's loss is rounded up by less than one cell, so eps exceeds the
+    exact one by at most steps * h (plus the far tails, counted in delta) and is never below it."""
     check_inputs(q=q, noise_multiplier=noise_multiplier, delta=delta, steps=steps)
     if q == 0 or steps == 0:
         return 0.0
-    sigma = noise_multiplier
-    h = h or min(1e-2, 0.02 * q * math.sqrt(math.expm1(min(1 / sigma**2, 30))))
+    s = noise_multiplier
+    h = h or min(1e-2, 0.02 * q * math.sqrt(math.expm1(min(1 / s**2, 30))))
     # Mass above `top` is < 1e-6 delta by Chernoff: P(L >= t) <= E[e^((a-1)L)] e^(-(a-1)t), and
     # the moment is exp((a-1) RDP(a)) (remove bounds add, MTZ 2019), so t = Mironov's eps.
     unseen = 1e-6 * delta
-    top = np.min(eps_from_rdp_mironov2017(DEFAULT_ORDERS, compute_rdp(q, sigma, steps), unseen))
+    top = np.min(eps_from_rdp_mironov2017(DEFAULT_ORDERS, compute_rdp(q, s, steps), unseen))
     eps = 0.0
     for remove in (True, False):
-        k0, pmf, p_inf = pld_one_step(q, sigma, h, remove)
+        k0, pmf, p_inf = pld_one_step(q, s, h, remove)
         cells, composed = compose_pld(k0, pmf, steps, math.ceil(top / h), unseen)
         budget = delta - 2 * unseen + math.expm1(steps * math.log1p(-p_inf))  # minus P(any L = inf)
         if budget <= 0:
@@ -449,14 +380,14 @@ def pld_epsilon(q, noise_multiplier, steps, delta, h=None):
 
 
 def pld_noise_multiplier(target_epsilon, delta, sample_rate, steps, rtol=1e-4):
-    """The smallest sigma (to rtol) whose tight eps is <= target; starts from the RDP sigma,
-    which is always enough (RDP is an upper bound), and brackets within a factor 1.25."""
+    """The smallest noise multiplier (to rtol) whose tight eps is <= target; starts from the
+    RDP one, which is always enough (RDP is an upper bound), and brackets within a factor 1.25."""
     guess = get_noise_multiplier(target_epsilon, delta, sample_rate, steps, rtol=1e-3)
     return calibrate_noise(lambda s: pld_epsilon(sample_rate, s, steps, delta),
                            target_epsilon, rtol, guess, factor=1.25)
 
 
-# ------------------------------------------------------------------ 6. an audit: really private?
+# ============================================================ Part 3: is it really private?
 # An accountant proves an upper bound on eps; an audit attacks the mechanism and gets a lower
 # bound. One run suffices (Steinke, Nasr, Jagielski 2023, "Privacy auditing with one (1)
 # training run"): m canaries, each included with probability 1/2; guess "in" for the k
@@ -469,7 +400,7 @@ AUDIT_SETTINGS = [  # name, q, steps, claimed eps, delta, canaries m, other trai
     ("small: q=0.01", 0.01, 1000, 2.0, 1e-5, 1000, 1000),
     ("tiny data: q=1e-5", 1e-5, 10**7, 1.5, 1e-5, 500, 0),
 ]
-BREAKAGES = ("sigma/10", "no noise", "seed known", "realised |B|")
+BREAKAGES = ("noise/10", "no noise", "seed known", "realised |B|")
 
 
 def binomial_tail(r, p):
@@ -520,11 +451,11 @@ def simulate_dirac_canaries(m, q, steps, noise_multiplier, rng, breakage=None):
     independently over canaries: drawing these two numbers per canary IS the mechanism's
     distribution on the coordinates the audit reads (the other coordinates are independent of
     them). Dividing by qN and SGD's learning rate rescale every score alike. The score is that
-    released coordinate; breakages: noise sigma/10, noise forgotten, or drawn from a seed that
-    the adversary knows and replays (it subtracts the very same noise)."""
+    released coordinate; breakages: noise multiplier / 10, noise forgotten, or drawn from a seed
+    that the adversary knows and replays (it subtracts the very same noise)."""
     included = rng.random(m) < 0.5
     counts = rng.binomial(steps, q, m) * included
-    s = {"sigma/10": noise_multiplier / 10, "no noise": 0.0}.get(breakage, noise_multiplier)
+    s = {"noise/10": noise_multiplier / 10, "no noise": 0.0}.get(breakage, noise_multiplier)
     noise = s * math.sqrt(steps) * rng.standard_normal(m)
     released = counts + noise
     if breakage == "seed known":  # replaying the seed reproduces this very noise
@@ -595,8 +526,8 @@ def run_audit(out):
         print(f"  delta = {delta:g}:  " + "  ".join(
             f"m = {m}: {eps_lower_bound(m, m, m, delta):.2f}" for m in (100, 1000, 5000, 10000)))
     print("One-run audit, k = m/4 guesses each way (ceiling: all m right / all 2k right).\n"
-          "eps_LB of the correct mechanism, then of broken ones: noise sigma/10, no noise, noise\n"
-          "seed known to the adversary, division by the realised batch size |B_t|.")
+          "eps_LB of the correct mechanism, then of broken ones: noise multiplier / 10, no noise,\n"
+          "noise seed known to the adversary, division by the realised batch size |B_t|.")
     print(f"{'setting':19s} {'m':>5s} {'noise':>7s} {'claimed':>7s} {'ceiling':>11s} | "
           f"{'correct':>7s} " + " ".join(f"{b:>12s}" for b in BREAKAGES))
     rng, rows = np.random.default_rng(), []
@@ -611,10 +542,9 @@ def run_audit(out):
 
 def plot_audit(path, rows):
     """eps_LB against the claimed eps: the correct mechanism must stay under the diagonal."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    from matplotlib.figure import Figure  # no pyplot: nothing to show, nothing to close
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     claimed = np.array([row["claimed"] for _, row in rows])
     for i, (mechanism, marker) in enumerate(zip(("correct",) + BREAKAGES, "o^vsD")):
         lower = [row["lower"][mechanism] for _, row in rows]
@@ -630,11 +560,14 @@ def plot_audit(path, rows):
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     print(f"wrote {path}")
 
 
-# ------------------------------------------------------------------ 7. DPDM's numbers, CLI, figure
+# ============================================================ DPDM's numbers, figure, command line
+DPDM = {"MNIST / F-MNIST": dict(n=60000, batch_size=4096, epochs=300, delta=1e-5, eps=(10, 1, 0.2)),
+        "CelebA 32": dict(n=162770, batch_size=2048, epochs=300, delta=1e-6, eps=(10, 1))}
+
+
 def dpdm_sampling(n, batch_size, epochs):
     """Opacus' Poisson loader (used by DPDM) samples each example with q = 1/len(loader) =
     1/ceil(N/B), not B/N: MNIST gets q = 1/15 (expected batch 4000) and 15 steps per epoch."""
@@ -671,19 +604,18 @@ def print_dpdm_table(tight):
             print(line, flush=True)
 
 
-def plot_eps_vs_epochs(path, sigmas=(1.0, 2.5, 5.0, 18.0, 80.0), delta=1e-5):
+def plot_eps_vs_epochs(path, noise_multipliers=(1.0, 2.5, 5.0, 18.0, 80.0), delta=1e-5):
     """DPDM MNIST (q = 1/15, 15 steps an epoch): RDP eps as lines, tight PLD eps as dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     epochs = np.unique(np.geomspace(1, 300, 60).round())
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for sigma in sigmas:
-        rdp_epoch = compute_rdp(1 / 15, sigma, 15)
-        with warnings.catch_warnings(action="ignore"):  # few epochs at sigma = 80: order 256
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    for noise in noise_multipliers:
+        rdp_epoch = compute_rdp(1 / 15, noise, 15)
+        with warnings.catch_warnings(action="ignore"):  # few epochs of much noise: order 256
             eps = [get_privacy_spent(DEFAULT_ORDERS, e * rdp_epoch, delta)[0] for e in epochs]
-        line, = ax.plot(epochs, eps, label=f"sigma = {sigma:g}")
-        tight = [pld_epsilon(1 / 15, sigma, 15 * e, delta) for e in (3, 30, 300)]
+        line, = ax.plot(epochs, eps, label=f"noise multiplier = {noise:g}")
+        tight = [pld_epsilon(1 / 15, noise, 15 * e, delta) for e in (3, 30, 300)]
         ax.plot([3, 30, 300], tight, "o", color=line.get_color(), ms=4)
     for eps in (10, 1, 0.2):
         ax.axhline(eps, color="gray", lw=0.6, ls=":")
@@ -694,8 +626,79 @@ def plot_eps_vs_epochs(path, sigmas=(1.0, 2.5, 5.0, 18.0, 80.0), delta=1e-5):
     fig.tight_layout()
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     print(f"wrote {path}")
+
+
+def flag_value(convert, ok, need):
+    """An argparse type: the text converted, or refused with what the flag needs (argparse
+    puts the flag's name in front); nan fails every comparison, so `ok` refuses it too."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; give {need}")
+        return value
+    return parse
+
+
+POSITIVE = flag_value(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+COUNT = flag_value(int, lambda v: v >= 1, "a whole number >= 1")
+RATE = flag_value(float, lambda v: 0 < v <= 1, "a sampling rate in (0, 1], e.g. 0.01")
+DELTA = flag_value(float, lambda v: 0 < v < 1, "a probability in (0, 1) well below 1/N, e.g. 1e-5")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + ". Without --noise-multiplier"
+                                " or --target-epsilon: DPDM's noise multipliers and the figure.")
+    p.error = lambda message: p.exit(  # one line that says what to do, not the usage block
+        2, f"error: {message}. See: python {pathlib.Path(__file__).name} --help\n")
+    question = p.add_mutually_exclusive_group()
+    question.add_argument("--noise-multiplier", "--sigma", type=POSITIVE, dest="noise_multiplier",
+                          help="print the eps of this noise multiplier, > 0 (default: none)")
+    question.add_argument("--target-epsilon", type=POSITIVE,
+                          help="print the least noise multiplier reaching it, > 0 (default: none)")
+    p.add_argument("--q", type=RATE,
+                   help="Poisson sampling rate in (0, 1] (default: DPDM's, 1/ceil(n/batch-size))")
+    p.add_argument("--batch-size", type=COUNT, default=4096,
+                   help="expected batch size, a whole number >= 1 (default: %(default)s)")
+    p.add_argument("--n", type=COUNT, default=60000,
+                   help="training-set size, a whole number >= 1 (default: %(default)s)")
+    p.add_argument("--steps", type=COUNT,
+                   help="DP-SGD steps, >= 1 (default: epochs/q with --q, else epochs*ceil(n/B))")
+    p.add_argument("--epochs", type=POSITIVE, default=300,
+                   help="epochs, a finite number > 0 (default: %(default)s)")
+    p.add_argument("--delta", type=DELTA, default=1e-5,
+                   help="delta, in (0, 1) and well below 1/n (default: %(default)g)")
+    p.add_argument("--table", action="store_true",
+                   help="only the table of DPDM's noise multipliers, no figure (default: off)")
+    p.add_argument("--no-tight", action="store_true",
+                   help="skip the tight (PLD) accountant (default: off, so it runs)")
+    p.add_argument("--audit", action="store_true",
+                   help="audit correct and broken DP-SGD; writes audit.png (default: off)")
+    p.add_argument("--out", default="out/03_accountant",
+                   help="folder for the figures, created if missing (default: %(default)s)")
+    p.add_argument("--threads", type=COUNT, default=1,
+                   help="torch threads, used for log Phi, >= 1 (default: %(default)s)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, every value checked (one line each) before anything runs."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if any(path.exists() and not path.is_dir() for path in (out, *out.parents)):
+        p.error(f"argument --out: {args.out} is a file or inside one; give a folder")
+    if args.noise_multiplier is None and args.target_epsilon is None:
+        return args
+    if args.q is None and args.delta >= 1 / args.n:
+        p.error(f"argument --delta: {args.delta:g} >= 1/N = {1 / args.n:.2g} (--n {args.n}); "
+                "take delta well below 1/N")
+    if query_sampling(args)[1] == 0:
+        p.error(f"argument --epochs: {args.epochs:g} epochs make 0 steps; give more, or --steps")
+    return args
 
 
 def query_sampling(args):
@@ -705,9 +708,7 @@ def query_sampling(args):
         q, steps = args.q, round(args.epochs / args.q)
     else:
         q, steps = dpdm_sampling(args.n, args.batch_size, args.epochs)
-    if args.steps is not None:
-        steps = args.steps
-    return q, steps
+    return q, args.steps or steps  # a given --steps is >= 1
 
 
 def query(args):
@@ -724,11 +725,11 @@ def query(args):
             tight = pld_epsilon(q, args.noise_multiplier, steps, args.delta)
             print(f"tight (PLD) eps = {tight:.4f}")
     else:
-        sigma = get_noise_multiplier(args.target_epsilon, args.delta, q, steps)
-        print(f"eps = {args.target_epsilon:g}: noise multiplier = {sigma:.6f} (RDP, to 1e-6)")
+        noise = get_noise_multiplier(args.target_epsilon, args.delta, q, steps)
+        print(f"eps = {args.target_epsilon:g}: noise multiplier = {noise:.6f} (RDP, to 1e-6)")
         if not args.no_tight:
             pld = pld_noise_multiplier(args.target_epsilon, args.delta, q, steps)
-            print(f"tight (PLD) noise multiplier = {pld:.4f}, {1 - pld / sigma:.1%} less noise")
+            print(f"tight (PLD) noise multiplier = {pld:.4f}, {1 - pld / noise:.1%} less noise")
 
 
 def main(argv=None):
@@ -740,10 +741,10 @@ def main(argv=None):
         return query(args)
     if args.audit:
         run_audit(args.out)
-        return print(f"done in {time.time() - t0:.1f} s")
-    print_dpdm_table(tight=not args.no_tight)
-    if not args.table:
-        plot_eps_vs_epochs(pathlib.Path(args.out) / "eps_vs_epochs.png")
+    else:
+        print_dpdm_table(tight=not args.no_tight)
+        if not args.table:
+            plot_eps_vs_epochs(pathlib.Path(args.out) / "eps_vs_epochs.png")
     print(f"done in {time.time() - t0:.1f} s")
 
 

@@ -44,7 +44,7 @@ def run(args, cwd):
 
 
 @pytest.mark.parametrize("flag, value, rest", CASES,
-                         ids=[f"{flag} {value} {' '.join(rest)}".strip() for flag, value, rest in CASES])
+                         ids=[" ".join((flag, value) + rest) for flag, value, rest in CASES])
 def test_bad_value_is_refused_in_one_line(tmp_path, flag, value, rest):
     out = tmp_path / "out"
     out.mkdir()
