@@ -54,8 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int, default=64, help="sampler steps N (churn needs ~64)")
     p.add_argument("--samples", type=int, default=10_000, help="samples per sampler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice, all physical cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="out/01_toy_diffusion")
     args = p.parse_args(argv)
     counts = [args.n_train, args.steps, args.batch, args.K, args.hidden, args.samples]

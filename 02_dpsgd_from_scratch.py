@@ -19,32 +19,26 @@ that the accountant of chapter 03 turns into (epsilon, delta).
 Noise multiplicity (DPDM Sec. 3): the diffusion loss of ONE example averages K draws,
   l(theta; x_i) = 1/K sum_k lambda(sigma_k) || D_theta(x_i + sigma_k n_k; sigma_k) - x_i ||^2 ,
 and is clipped once: the sensitivity is still C, so the privacy cost does not depend on K,
-while the per-example gradient variance falls like 1/K. (sigma is always the diffusion level;
-the DP noise scale is the noise multiplier.)
+while the per-example gradient variance falls like 1/K. (sigma is the diffusion level only.)
 
-The demo trains a 1-D toy denoiser like chapter 01's privately. Same as 01 (re-expressed, since
-no chapter imports another): sigma_data, the lambda-weighted loss, EDM preconditioning (Karras
-et al. 2022, Table 1), an MLP F on (c_in x, c_noise). What differs: F is smaller (2 hidden
-layers of 32, 1,185 parameters, not 3 of 64), since the DP noise norm grows like
-sqrt(#parameters); data have shape [N, 1], so that the same functions run on images
-[N, C, H, W]; and the data are an easier two-component mixture, 0.4 N(-0.6, 0.1^2) +
-0.6 N(0.5, 0.15^2), so that a few hundred DP steps of this small model visibly lower the loss
-and the runs for different K can be told apart (on 01's three narrow components they cannot).
+The demo trains chapter 01's toy denoiser (EDM preconditioning, Karras et al. 2022, Table 1;
+re-expressed here, since no chapter imports another) privately, with three changes: F is
+smaller (2 hidden layers of 32, 1,185 parameters, not 3 of 64), since the DP noise norm grows
+like sqrt(#parameters); data have shape [N, 1], so that the same functions run on images
+[N, C, H, W]; and the data are an easier mixture, 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.15^2), on
+which a few hundred DP steps visibly lower the loss and the runs for different K differ (on
+01's three narrow components they cannot be told apart).
 
-The mechanism's randomness must be secret. Whoever knows every example but one, and the seed,
-can replay training with and without that example and see which run gives the released model,
-however large the noise multiplier is. So the Poisson sampling, diffusion draws and DP noise of
-training come from secret_generator(), whose whole state is OS entropy that is never printed or
-saved; --seed fixes only what is public (initial weights, the toy data, the figures), and
---insecure-noise-seed N (debugging, tests) makes training reproducible and voids the guarantee.
-torch's generator (a Mersenne Twister) filled this way is unpredictable to someone who does not
-see its raw outputs, but it is not a cryptographically secure generator, and floating-point
-Gaussian samples leak through their low-order bits (Mironov 2012); for a deployment, Opacus'
-secure_mode (a CSPRNG via torchcsprng, each Gaussian a sum of several draws) is the reference.
+The mechanism's randomness must be secret (secret_generator() says why): Poisson sampling,
+diffusion draws and DP noise come from OS entropy, never printed or saved. --seed fixes only
+what is public (initial weights, toy data, figures); --insecure-noise-seed N (debugging, tests)
+makes training reproducible and voids the guarantee. torch's Mersenne Twister is no CSPRNG, and
+floating-point Gaussians leak through their low-order bits (Mironov 2012): for a deployment,
+Opacus' secure_mode (torchcsprng, each Gaussian a sum of several draws) is the reference.
 """
 import argparse
-import math
 import hashlib
+import math
 import pathlib
 import secrets
 import struct
@@ -59,8 +53,7 @@ from torch.func import functional_call, grad_and_value, vmap
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-data", type=int, default=10_000, help="N, size of the private data set")
-    p.add_argument("--q", type=float, default=0.05,
-                   help="Poisson sampling rate (expected batch qN)")
+    p.add_argument("--q", type=float, default=0.05, help="Poisson sampling rate (batch qN)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--clip", type=float, default=1.0, help="C, per-example clipping norm")
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP noise std / C")
@@ -72,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--insecure-noise-seed", type=int, default=None, metavar="N",
                    help="reproducible training randomness (Poisson sampling, noise) for debugging; "
                         "voids the privacy guarantee: the noise seed is known")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice, all physical cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/02_dpsgd_from_scratch"))
     return p.parse_args(argv)
 
@@ -231,13 +223,12 @@ def fill_generator_state(gen, random_bytes):
 def secret_generator(device="cpu", insecure_seed=None):
     """The mechanism's randomness: a generator whose whole state is OS entropy, never shown.
 
-    Whoever knows every example but one AND the generator's state replays training with and
-    without that example and sees which run gives the released model; so the state must be as
-    hard to guess as the OS's CSPRNG (Python's secrets) can make it. Secret bits: on CPU 624 x 32
-    = 19,968 fill the Mersenne Twister, of which 19,937 matter (its first twist keeps only the top
-    bit of word 0); on CUDA 64, Philox's whole seed (manual_seed keeps all 64 bits there).
-    insecure_seed (debugging, tests) derives the same full state from the seed by a hash, so
-    seeds that differ only above bit 32 still differ; it voids the privacy guarantee."""
+    Whoever knows every example but one AND the seed replays training with and without that
+    example and sees which run gives the released model, however large the noise. Secret bits:
+    on CPU 624 x 32 = 19,968 from Python's secrets fill the Mersenne Twister (19,937 matter: its
+    first twist keeps only the top bit of word 0); on CUDA 64, Philox's whole seed.
+    insecure_seed (debugging, tests) hashes the seed into the same full state, so seeds that
+    differ only above bit 32 still differ; it voids the privacy guarantee."""
     n_bytes = 4 * MT_WORDS if torch.device(device).type == "cpu" else 8
     if insecure_seed is None:
         random_bytes = secrets.token_bytes(n_bytes)
