@@ -97,8 +97,8 @@ def read_metrics(run_dir):
     acc = {a: lookup(down.get(a, {}), "test_acc", "acc", "accuracy") for a in ARCHS}
     return {"eps": lookup(m, "eps_spent", "eps"), "noise_multiplier": lookup(m, "noise_multiplier", "sigma_dp"),
             "q": lookup(m, "q"), "steps": lookup(m, "steps"), "K": lookup(m, "K"), "batch": lookup(m, "batch"),
-            "train_s": lookup(m, "train_time_s"), "sample_s": lookup(m, "sample_time_s"),
-            "eval_s": lookup(m, "eval_time_s"),
+            "train_s": lookup(m, "train_s"), "sample_s": lookup(m, "sample_s"),
+            "eval_s": lookup(m, "eval_s"),
             **{a: None if v is None else 100 * v for a, v in acc.items()}}
 
 

@@ -129,7 +129,7 @@ def smoke_end_to_end(device, data, unverified, out, quick):
                              "--eval-epochs", 1, "--num-samples", 200, *(["--unverified"] if unverified else []))
     r = json.loads((out / "metrics.json").read_text())["dp_release"] if rc2 == 0 else {}
     eps = m.epsilon_rdp(r["q"], r["noise_multiplier"], r["steps"], r["delta"]) if r else None
-    ok = (rc1 == 130 and "continue with" in err1 and rc2 == 0 and "resumed at step" in log2 and rc3 == 0
+    ok = (rc1 == 130 and "Continue with" in err1 and rc2 == 0 and "resumed at step" in log2 and rc3 == 0
           and r.get("steps") == r.get("total_steps") and eps is not None
           and abs(eps - r["eps_spent"]) < 1e-9 and r["eps_spent"] <= r["eps_target"])
     return {"ok": ok, "seconds": round(time.time() - t0, 1), "interrupt_exit_code": rc1,
@@ -141,7 +141,7 @@ def smoke_end_to_end(device, data, unverified, out, quick):
 # ----------------------------------------------------------------------------- 3. DP step timing
 def step_parts(preset, device, quick):
     """The preset's model, a batch of its expected size with its randomness drawn, the loss."""
-    cfg = m.Config(**{**m.PRESETS[preset].train, **({"channels": 8, "mults": (1, 2), "blocks": 1, "K": 2}
+    cfg = m.Config(**{**m.PRESETS[preset].config, **({"channels": 8, "mults": (1, 2), "blocks": 1, "K": 2}
                                                       if quick else {})})
     torch.manual_seed(0)
     model = m.build_denoiser(cfg).to(device)
@@ -237,8 +237,8 @@ def short_training(device, data, unverified, out, quick):
     if rc == 0:
         mt = json.loads((out / "metrics.json").read_text())
         res.update({k: round(v["test_acc"] * 100, 1) for k, v in mt["evaluation"].get("downstream", {}).items()})
-        res.update(eps=mt["dp_release"]["eps_spent"], train_s=mt["not_covered_by_dp"]["train_time_s"],
-                   sample_s=mt["not_covered_by_dp"]["sample_time_s"])
+        res.update(eps=mt["dp_release"]["eps_spent"], train_s=mt["not_covered_by_dp"]["train_s"],
+                   sample_s=mt["not_covered_by_dp"]["sample_s"])
     else:
         res["errors"] = err[-2000:]
     return res

