@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import PUBLISHED_EPS, PUBLISHED_RDP
+
 OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' default
 
 
@@ -35,10 +37,9 @@ def eps_rdp(acc, q, s, steps, delta, orders=None):
 
 # ---------------------------------------------------------------- published reference values
 def test_published_rdp_tf_privacy(accountant):
-    # TF-Privacy rdp_accountant_test: compute_rdp(q=0.1, noise_multiplier=2, steps=10, order=5)
-    # ~ 0.07737; dp_accounting 0.6.0 and Opacus 1.6.0 both give 0.07736968 (scratch venv). Half
-    # a unit in the 8th digit of that value (6e-7 relative) is the tolerance; we differ by 6e-8.
-    assert accountant.compute_rdp(0.1, 2.0, 10, [5])[0] == pytest.approx(0.07736968, rel=1e-6)
+    r = PUBLISHED_RDP  # conftest: the source and the tolerance
+    rdp = accountant.compute_rdp(r["q"], r["noise_multiplier"], r["steps"], [r["order"]])[0]
+    assert rdp == pytest.approx(r["value"], rel=r["rel"])
 
 
 def test_opacus_orders_are_opacus_default_alphas(accountant):
@@ -49,11 +50,10 @@ def test_opacus_orders_are_opacus_default_alphas(accountant):
 
 
 def test_published_epsilon_opacus(accountant):
-    # Opacus tests (RDP accountant): s=1.5, q=0.04, 2250 steps, delta=1e-5, its default
-    # orders -> eps ~ 7.32911117143 (Opacus 1.6.0 gives 7.3291111714386545, best order 3.9).
-    rdp = accountant.compute_rdp(0.04, 1.5, 2250, OPACUS_ORDERS)
-    eps, order = accountant.get_privacy_spent(OPACUS_ORDERS, rdp, 1e-5)
-    assert eps == pytest.approx(7.32911117143, rel=1e-9)  # 12 digits published; we differ by 7e-12
+    e = PUBLISHED_EPS  # conftest: Opacus' test, its default orders (best order 3.9)
+    rdp = accountant.compute_rdp(e["q"], e["noise_multiplier"], e["steps"], OPACUS_ORDERS)
+    eps, order = accountant.get_privacy_spent(OPACUS_ORDERS, rdp, e["delta"])
+    assert eps == pytest.approx(e["value"], rel=e["rel"])
     assert order == 3.9
 
 

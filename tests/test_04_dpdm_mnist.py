@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny_mnist, write_idx
+from conftest import PUBLISHED_EPS, PUBLISHED_RDP, ROOT, load_script, tiny_mnist, write_idx
 
 m = load_script("04_dpdm_mnist")
 N_TRAIN = 96
@@ -242,14 +242,23 @@ def test_rdp_matches_closed_form_and_published_values():
     for q, sigma in ((0.1, 2.0), (1 / 15, 2.487), (0.3, 0.7)):
         got = m.rdp_subsampled_gaussian(q, sigma, orders)
         assert got == pytest.approx([naive_rdp(q, sigma, int(a)) for a in orders], rel=1e-9)
-    # TF-Privacy's rdp_accountant_test: compute_rdp(q=0.1, sigma=2, steps=10, order=5) = 0.07737
-    assert 10 * m.rdp_subsampled_gaussian(0.1, 2.0, np.array([5.0]))[0] == pytest.approx(0.07737, abs=1e-5)
-    # Opacus' RDP accountant test: sigma 1.5, q 0.04, 2250 steps, delta 1e-5, its orders
-    orders = np.concatenate([np.arange(1.1, 10.95, 0.1), np.arange(12, 64)])
-    assert m.epsilon_rdp(0.04, 1.5, 2250, 1e-5, orders) == pytest.approx(7.32911117143, rel=1e-6)
-    # DPDM's MNIST setting (paper's config; dpdm_facts: 2.487 at eps 10, 18.13 at eps 1).
-    # 04's grid of orders is coarser than 03's, so it may need up to 0.5 % more noise, never less.
-    assert 2.487 <= m.get_noise_multiplier(10, 1e-5, 1 / 15, 4500) <= 2.487 * 1.005
+    r = PUBLISHED_RDP
+    rdp = r["steps"] * m.rdp_subsampled_gaussian(r["q"], r["noise_multiplier"], np.array([r["order"]]))
+    assert rdp[0] == pytest.approx(r["value"], rel=r["rel"])
+    e = PUBLISHED_EPS
+    opacus_orders = np.concatenate([1 + np.arange(1, 100) / 10, np.arange(12, 64)])
+    eps = m.epsilon_rdp(e["q"], e["noise_multiplier"], e["steps"], e["delta"], opacus_orders)
+    assert eps == pytest.approx(e["value"], rel=e["rel"])
+
+
+def test_04_calibrates_the_same_noise_multiplier_as_03(accountant):
+    """One accountant's answer: on 03's orders and tolerance, 04's integral and 03's series give
+    DPDM's MNIST noise multipliers (dpdm_facts: 2.487 at eps 10, 18.13 at eps 1) to 1e-6."""
+    for eps in (10, 1):
+        ours = m.get_noise_multiplier(eps, 1e-5, 1 / 15, 4500)
+        assert ours == pytest.approx(accountant.get_noise_multiplier(eps, 1e-5, 1 / 15, 4500),
+                                     rel=1e-6)
+    assert np.array_equal(m.RDP_ORDERS, accountant.DEFAULT_ORDERS)
     assert 18.13 <= m.get_noise_multiplier(1, 1e-5, 1 / 15, 4500) <= 18.13 * 1.005
 
 
