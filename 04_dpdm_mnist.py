@@ -61,6 +61,8 @@ ANY = ("a finite number", lambda v: True)
 
 def option(default, help, check=ANY, runtime=False, **kw):
     """A config field and its flag. runtime=True: it changes speed or output, not the model."""
+    if "choices" in kw:
+        check = (f"one of {', '.join(kw['choices'])}", lambda v: v in kw["choices"])
     return field(default=default, metadata=dict(help=help, check=check, runtime=runtime, **kw))
 
 
@@ -120,8 +122,8 @@ PRESETS = {
     "paper": Preset({}, dict(num_samples=60_000), dict(logreg=50, mlp=50, cnn=50)),
     # One GPU: the paper's model and batch with K = 4 and 60 epochs, 40x less compute.
     "gpu": Preset(dict(K=4, epochs=60.0, chunk=128), {}, dict(logreg=50, mlp=50, cnn=50)),
-    # A laptop CPU: a small U-Net on 14x14x4 pixel-unshuffled images, K = 1 and small noisy
-    # batches (many steps beat few clean ones at this compute), one vmap call per batch.
+    # A laptop CPU: a small U-Net on 14x14x4 pixel-unshuffled images, K = 1, small noisy
+    # batches and many steps, one vmap call per batch.
     # Training noise levels favour high sigma, where the digits' shapes form: nearly every
     # per-example gradient is clipped, so how often a sigma is drawn sets its share of the
     # update. RESULTS.md shows the screens that chose these values.
@@ -1145,7 +1147,7 @@ def save_outputs(out, x, y, cfg, sampler_cfg, report, times, n_train):
         rows = [list(x[y == c][:10]) for c in range(len(names))]
     else:
         rows = [list(x[i:i + 10]) for i in range(0, min(len(x), 100), 10)]
-    rows = [np.concatenate(r + [np.zeros_like(x[0])] * (10 - len(r)), 1) for r in rows if r]
+    rows = [np.concatenate(row + [np.zeros_like(x[0])] * (10 - len(row)), 1) for row in rows if row]
     void = guarantee != "valid"
     fig = Figure(figsize=(10 * 0.6 + 0.8, len(rows) * 0.6 + (0.4 if void else 0)))
     left = 0.12 if names else 0.0
@@ -1525,9 +1527,6 @@ def check_fields(obj):
     anything starts (and a model file holding them is refused too)."""
     for f in fields(obj):
         value = getattr(obj, f.name)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise UserError(f"--{f.name} must be one of {', '.join(choices)} (got {value!r})")
         text, ok = f.metadata["check"]
         values = value if isinstance(value, tuple) else (value,)
         finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
