@@ -89,7 +89,7 @@ class Config:
     epochs: float = option(300.0, "training length: steps = epochs * ceil(N/batch)", POSITIVE)
     clip: float = option(1.0, "C, the per-example clipping norm", POSITIVE)
     lr: float = option(3e-4, "Adam learning rate", POSITIVE)
-    ema: float = option(0.999, "EMA decay of the weights (warm-up: see ema_update)", FRACTION)
+    ema: float = option(0.999, "EMA decay of the weights, warm-up min(ema, (1+n)/(10+n))", FRACTION)
     seed: int = option(0, "PUBLIC randomness only: initial weights, sampling, evaluation")
     chunk: int = option(16, "examples per vmap call (memory ~ chunk x K)", POSITIVE, runtime=True)
     ckpt_every: int = option(100, "steps between checkpoints", POSITIVE, runtime=True)
@@ -1545,7 +1545,7 @@ def build_parser():
     parser.error = lambda message: parser.exit(2, f"error: {message}; see --help\n")
     add = parser.add_argument
     add("--preset", choices=list(PRESETS), type=str.lower,
-        help="[default: gpu on CUDA, else cpu; with --ckpt: the model file's]")
+        help="configuration; paper: DPDM's [default: gpu on CUDA, else cpu; with --ckpt: its own]")
     add("--out", help="output folder [default: out/04_dpdm_mnist; with --ckpt: its 'resampled']")
     add("--data-dir", help="the IDX files (.gz or raw), CelebA's zip [default: ./data/DATASET]")
     add("--unverified", action="store_true", help="accept IDX files that fail the checksums")
