@@ -656,6 +656,8 @@ def main(argv=None):
         data = None
         if args.eval or not args.from_model:
             data = load_data(cfg.dataset, args.data_dir, args.unverified)
+        if args.fid and args.eval and data[args.fid_ref] is None:
+            raise UserError(f"--fid-ref: {cfg.dataset} has no {args.fid_ref} split: use train")
         fid_network = find_fid_network(args.fid_network, args.device) if args.fid else None
         if not args.from_model:
             privacy_plan(cfg, len(data["train"][0]))  # an impossible (eps, delta) fails here
@@ -1191,7 +1193,7 @@ def stop_requests():
 
 def again_command(args, argv, out, t_start):
     """After Ctrl-C: the command again, with --resume or --overwrite where it needs one."""
-    if args is None:
+    if args is None or out is None:
         return command(argv)
     state = out / STATE_FILE
     if not args.from_model and (args.resume or state.exists() and state.stat().st_mtime >= t_start):
@@ -1357,7 +1359,7 @@ def inception_input(x):
 
 
 @torch.no_grad()
-def inception_features(features, images, batch_size=200, device="cpu"):
+def inception_features(features, images, batch_size=50, device="cpu"):
     """2048-d pool features of uint8 images (N, C, H, W) or (N, H, W); grayscale is repeated to
     3 channels, as DPDM does. The time it will take is printed after the first batch."""
     x = torch.as_tensor(np.asarray(images))
@@ -1604,8 +1606,6 @@ def parse_args(argv=None):
     per_dataset = DATASETS[given.get("dataset", "mnist")].paper
     cfg = Config(**{**PRESETS[args.preset].config,
                     **(per_dataset if args.preset in ("paper", "gpu") else {}), **given})
-    if args.fid and args.fid_ref == "test" and not DATASETS[cfg.dataset].class_names:
-        parser.error(f"{cfg.dataset} has no test split: use --fid-ref train")
     return args, cfg, sampler_config(args, cfg)
 
 

@@ -81,7 +81,8 @@ def main(argv=None):
         stats, minutes = timed(m.feature_stats, x, network)
         rows.append((f"statistics of {len(x)} samples", "", f"{minutes:.1f}"))
         for name in ("train", "test"):
-            rows.append((f"samples vs {name}", f"{m.frechet_distance(*stats, *refs[name]):.2f}", ""))
+            fid = m.frechet_distance(*stats, *refs[name])
+            rows.append((f"samples vs {name}", f"{fid:.2f}", ""))
         ablation = load("ablation", ROOT / "benchmarks" / "ablation.py")
         args.out.mkdir(parents=True, exist_ok=True)
         proxy = ablation.train_proxy(as_uint8(data["train"][0]), data["train"][1].numpy(),

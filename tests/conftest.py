@@ -23,15 +23,25 @@ def load_script(stem):
     return module
 
 
-# Published accountant values, pinned once for chapters 03 and 04 (each chapter's own tests use them).
-# TF-Privacy's rdp_accountant_test: compute_rdp(q=0.1, noise_multiplier=2, steps=10, order=5) ~ 0.07737;
-# dp_accounting 0.6.0 and Opacus 1.6.0 both give 0.07736968 (scratch venv): tolerance half a unit
-# in its 8th digit.
+# Published accountant values, pinned once for chapters 03 and 04 (each chapter's tests use them).
+# TF-Privacy's rdp_accountant_test: compute_rdp(q=0.1, noise_multiplier=2, steps=10, order=5)
+# ~ 0.07737; dp_accounting 0.6.0 and Opacus 1.6.0 both give 0.07736968 (scratch venv): tolerance
+# half a unit in its 8th digit.
 PUBLISHED_RDP = dict(q=0.1, noise_multiplier=2.0, steps=10, order=5.0, value=0.07736968, rel=1e-6)
 # Opacus' RDP accountant test: noise multiplier 1.5, q 0.04, 2250 steps, delta 1e-5, Opacus'
 # default orders -> eps ~ 7.32911117143 (12 digits published; Opacus 1.6.0: 7.3291111714386545).
 PUBLISHED_EPS = dict(q=0.04, noise_multiplier=1.5, steps=2250, delta=1e-5, value=7.32911117143,
                      rel=1e-9)
+
+
+def exits_2(capsys, main, *argv):
+    """main(argv) exits with status 2 and one line on stderr, no traceback: returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    return err
 
 
 @pytest.fixture(scope="session", autouse=True)

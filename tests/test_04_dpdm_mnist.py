@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PUBLISHED_EPS, PUBLISHED_RDP, ROOT, load_script, tiny_mnist, write_idx
+from conftest import (PUBLISHED_EPS, PUBLISHED_RDP, ROOT, exits_2, load_script, tiny_mnist,
+                      write_idx)
 
 m = load_script("04_dpdm_mnist")
 N_TRAIN = 96
@@ -32,13 +33,7 @@ def smoke(data, out, *more):
 
 
 def refused(capsys, *argv):
-    """main(argv) exits with status 2 and one line on stderr, no traceback: that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        run_main(*argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err, err
-    return err
+    return exits_2(capsys, m.main, *argv)
 
 
 def smoke_refused(capsys, data, out, *more):

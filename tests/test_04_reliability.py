@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, tiny_mnist
+from conftest import exits_2, load_script, tiny_mnist
 
 m = load_script("04_dpdm_mnist")
 
@@ -24,13 +24,7 @@ def smoke_args(data, out, *more):
 
 
 def refused(capsys, *argv):
-    """main(argv) exits with status 2 and one line on stderr, no traceback: that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        run_main(*argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err, err
-    return err
+    return exits_2(capsys, m.main, *argv)
 
 
 def snapshot(folder):
@@ -61,23 +55,24 @@ def copy(folder, dst):
 
 
 # --------------------------------------------------------------------------- a void run stays void
-def crash_after_first_save(monkeypatch):
+def crash_after_first_checkpoint(monkeypatch, *argv):
+    """main(argv) killed right after its first checkpoint, as a crash would."""
     real = m.save_run
 
     def save_then_crash(*a, **k):
         real(*a, **k)
         raise RuntimeError("simulated crash after the first checkpoint")
     monkeypatch.setattr(m, "save_run", save_then_crash)
+    with pytest.raises(RuntimeError):
+        run_main(*argv)
+    monkeypatch.undo()
 
 
 def test_resume_keeps_a_void_run_void_and_refuses_to_drop_the_seed(run, tmp_path, monkeypatch,
                                                                     capsys):
     data, _ = run
     out = tmp_path / "out"
-    crash_after_first_save(monkeypatch)
-    with pytest.raises(RuntimeError):
-        run_main(*smoke_args(data, out, "--insecure-noise-seed", 5))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(monkeypatch, *smoke_args(data, out, "--insecure-noise-seed", 5))
     before = snapshot(out)
     err = refused(capsys, *smoke_args(data, out, "--resume"))  # the seed left out
     assert "--insecure-noise-seed 5" in err and "stays void" in err and snapshot(out) == before
@@ -85,7 +80,8 @@ def test_resume_keeps_a_void_run_void_and_refuses_to_drop_the_seed(run, tmp_path
     summary = capsys.readouterr().out.split("==== summary")[-1]
     assert "nothing in" in summary and "is private" in summary and "safe to publish" not in summary
     assert "VOID" in torch.load(out / "model.pt", weights_only=True)["privacy"]["privacy_guarantee"]
-    assert "VOID" in json.loads((out / "metrics.json").read_text())["dp_release"]["privacy_guarantee"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "VOID" in metrics["dp_release"]["privacy_guarantee"]
     assert "VOID" in str(np.load(out / "samples.npz")["privacy_guarantee"])
     assert "VOID" in Image.open(out / "grid.png").text["privacy_guarantee"]
 
@@ -93,10 +89,7 @@ def test_resume_keeps_a_void_run_void_and_refuses_to_drop_the_seed(run, tmp_path
 def test_a_secret_run_cannot_be_resumed_with_known_noise(run, tmp_path, monkeypatch, capsys):
     data, _ = run
     out = tmp_path / "out"
-    crash_after_first_save(monkeypatch)
-    with pytest.raises(RuntimeError):
-        run_main(*smoke_args(data, out))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(monkeypatch, *smoke_args(data, out))
     err = refused(capsys, *smoke_args(data, out, "--resume", "--insecure-noise-seed", 5))
     assert "--insecure-noise-seed" in err
 
@@ -199,6 +192,12 @@ def test_ctrl_c_during_eval_only_names_a_command_that_works(run, tmp_path, monke
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
+    real_generate = m.generate
+    monkeypatch.setattr(m, "generate", interrupt)  # nothing written yet: the same command
+    with pytest.raises(SystemExit):
+        run_main(*args)
+    assert "--overwrite" not in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    monkeypatch.setattr(m, "generate", real_generate)
     monkeypatch.setattr(m, "evaluate", interrupt)  # after the samples were written
     with pytest.raises(SystemExit) as exit_:
         run_main(*args)
@@ -223,10 +222,7 @@ def test_labels_outside_the_classes_are_refused_at_load(tmp_path):
 def test_after_a_resume_the_summary_parts_add_up_to_its_total(run, tmp_path, monkeypatch, capsys):
     data, _ = run
     out = tmp_path / "out"
-    crash_after_first_save(monkeypatch)
-    with pytest.raises(RuntimeError):
-        run_main(*smoke_args(data, out, "--epochs", 4))
-    monkeypatch.undo()
+    crash_after_first_checkpoint(monkeypatch, *smoke_args(data, out, "--epochs", 4))
     capsys.readouterr()
     run_main(*smoke_args(data, out, "--epochs", 4, "--resume"))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("time "))
