@@ -483,7 +483,7 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
             stopping = any_rank(stop["requested"], device)
             if step % cfg.ckpt_every == 0 or step == total_steps or stopping:
                 save_run(out, cfg, model, ema, opt, gen, report(), seconds + time.time() - t0,
-                         private, run)
+                         private, run, stale=() if resume else SAMPLE_FILES)
             if stopping:
                 print(f"\nstopped at step {step}/{total_steps} (eps spent so far "
                       f"{report()['eps_spent']:.4f}), saved", file=sys.stderr)
@@ -1028,8 +1028,9 @@ def load_safely(path, device, keys, flag):
     return obj
 
 
-def save_run(out, cfg, model, ema, opt, gen, report, train_time_s, private, run):
-    """At checkpoints: the private resume state (mode 0600), and the releasable model file."""
+def save_run(out, cfg, model, ema, opt, gen, report, train_time_s, private, run, stale=()):
+    """At checkpoints: the private resume state (mode 0600), and the releasable model file.
+    stale: files of a replaced run (--overwrite) that would misdescribe the new model file."""
     rank, size = world()
     if size > 1:  # DIST: a diverged process would be a bug; fail loudly, never silently
         sums = torch.stack([p.double().sum() for p in model.parameters()])
@@ -1046,6 +1047,8 @@ def save_run(out, cfg, model, ema, opt, gen, report, train_time_s, private, run)
     release = {"format": FORMAT, "config": plain(cfg), "ema": ema.state_dict(), "privacy": report,
                **run}
     write_atomic(out / MODEL_FILE, lambda f: torch.save(release, f))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
 
 
 def config_diff(saved, cfg):

@@ -161,6 +161,16 @@ def test_a_failing_overwrite_leaves_the_folder_as_it_was(run, tmp_path, capsys):
     assert snapshot(folder) == before
 
 
+def test_overwrite_replaces_the_old_run_file_by_file(run, tmp_path, monkeypatch):
+    """Until its first checkpoint the old run stays whole; from then on none of its samples or
+    metrics lie beside the new model.pt, which they would misdescribe."""
+    data, out = run
+    folder = copy(out, tmp_path / "out")
+    crash_after_first_checkpoint(monkeypatch, *smoke_args(data, folder, "--overwrite"))
+    assert (folder / "model.pt").read_bytes() != (out / "model.pt").read_bytes()
+    assert not any((folder / name).exists() for name in m.SAMPLE_FILES)
+
+
 def test_the_real_error_is_named_before_the_output_folder(run, capsys):
     data, out = run
     for more, needle in ((["--eps", 0], "--eps"), (["--eps", -1], "--eps"),
