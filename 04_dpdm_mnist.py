@@ -19,7 +19,6 @@ progress and Ctrl-C, torchrun, evaluation, command line. No chapter imports anot
 repeats what it needs of 01-03.
 """
 import argparse
-import contextlib
 import copy
 import functools
 import gzip
@@ -31,7 +30,6 @@ import os
 import pickle
 import secrets
 import shlex
-import signal
 import struct
 import sys
 import time
@@ -128,7 +126,7 @@ PRESETS = {
     # per-example gradient is clipped, so how often a sigma is drawn sets its share of the
     # update. RESULTS.md shows the screens that chose these values.
     "cpu": Preset(dict(channels=8, noise_channels=32, mults=(1, 2), blocks=1, attn=(7,),
-                       unshuffle=2, K=1, batch=250, epochs=7.0, lr=3e-3, p_mean=1.0,
+                       unshuffle=2, K=1, batch=250, epochs=10.0, lr=3e-3, p_mean=1.0,
                        chunk=320, ckpt_every=200),
                   dict(sampler="heun", sample_steps=8, guidance=0.25),
                   dict(logreg=30, mlp=30, cnn=15)),
@@ -448,8 +446,9 @@ def privacy_report(cfg, q, noise_multiplier, steps, total_steps, void):
 # ----------------------------------------------------------------------------- training
 def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
     """DP-SGD; returns (EMA denoiser, privacy report, training seconds of every segment).
-    run: what the model file records besides the model. DIST: every process runs this loop
-    (private_gradient splits the work)."""
+    run: what the model file records besides the model. Ctrl-C or a crash loses the steps since
+    the last checkpoint, which released nothing: --resume redoes them. DIST: every process runs
+    this loop (private_gradient splits the work)."""
     x_train, y_train = (t.to(device) for t in data["train"])
     n = len(x_train)
     q, total_steps, noise_multiplier = privacy_plan(cfg, n)
@@ -467,34 +466,28 @@ def train(cfg, data, out, device, resume=False, insecure_seed=None, run=None):
                                     insecure_seed is not None)
     print_plan(cfg, model, n, q, total_steps, noise_multiplier, step, insecure_seed)
     t0, start = time.time(), step
-    with stop_requests() as stop:
-        while step < total_steps:
-            idx = poisson_sample(n, q, gen)
-            batch = batch_randomness(x_train[idx], y_train[idx], cfg, model.n_classes, gen)
-            info = dp_sgd_step(model, opt, loss_fn, *batch, C=cfg.clip,
-                               noise_multiplier=noise_multiplier, expected_batch_size=q * n,
-                               generator=gen, chunk_size=cfg.chunk)
-            step += 1  # the accountant counts every step that released a noisy gradient
-            ema_update(ema, model, step, cfg.ema)
-            loss = info["losses"].mean().item() if len(info["losses"]) else 0.0
-            if any_rank(not math.isfinite(loss), device):  # DIST: all processes stop together
-                raise UserError(f"the training loss became {loss} at step {step}: stopped, "
-                                f"nothing new saved. Lower --lr (now {cfg.lr}) and start again.")
-            stopping = any_rank(stop["requested"], device)
-            if step % cfg.ckpt_every == 0 or step == total_steps or stopping:
-                save_run(out, cfg, model, ema, opt, gen, report(), seconds + time.time() - t0,
-                         private, run, stale=() if resume else SAMPLE_FILES)
-            if stopping:
-                print(f"\nstopped at step {step}/{total_steps} (eps spent so far "
-                      f"{report()['eps_spent']:.4f}), saved", file=sys.stderr)
-                raise KeyboardInterrupt
-            if step % cfg.log_every == 0 or step == total_steps:
-                # examples/s from the EXPECTED batch qN: the realised sizes are private
-                elapsed = time.time() - t0
-                print_progress(f"step {step:5d}/{total_steps} | loss {loss:.4f} | eps "
-                               f"{report()['eps_spent']:.3f}/{cfg.eps} | "
-                               f"{(step - start) * q * n / elapsed:6.0f} ex/s",
-                               step - start, total_steps - start, elapsed)
+    while step < total_steps:
+        idx = poisson_sample(n, q, gen)
+        batch = batch_randomness(x_train[idx], y_train[idx], cfg, model.n_classes, gen)
+        info = dp_sgd_step(model, opt, loss_fn, *batch, C=cfg.clip,
+                           noise_multiplier=noise_multiplier, expected_batch_size=q * n,
+                           generator=gen, chunk_size=cfg.chunk)
+        step += 1  # the accountant counts every step that released a noisy gradient
+        ema_update(ema, model, step, cfg.ema)
+        loss = info["losses"].mean().item() if len(info["losses"]) else 0.0
+        if any_rank(not math.isfinite(loss), device):  # DIST: all processes stop together
+            raise UserError(f"the training loss became {loss} at step {step}: stopped, "
+                            f"nothing new saved. Lower --lr (now {cfg.lr}) and start again.")
+        if step % cfg.ckpt_every == 0 or step == total_steps:
+            save_run(out, cfg, model, ema, opt, gen, report(), seconds + time.time() - t0,
+                     private, run, stale=() if resume else SAMPLE_FILES)
+        if step % cfg.log_every == 0 or step == total_steps:
+            # examples/s from the EXPECTED batch qN: the realised sizes are private
+            elapsed = time.time() - t0
+            print_progress(f"step {step:5d}/{total_steps} | loss {loss:.4f} | eps "
+                           f"{report()['eps_spent']:.3f}/{cfg.eps} | "
+                           f"{(step - start) * q * n / elapsed:6.0f} ex/s",
+                           step - start, total_steps - start, elapsed)
     return ema, report(), seconds + time.time() - t0
 
 
@@ -618,7 +611,6 @@ def generate(denoiser, sampler_cfg, num, device, seed, batch=1000):
     labels = torch.arange(num, device=device) % max(denoiser.n_classes, 1)
     sigmas = edm_sigma_steps(sampler_cfg.sample_steps, sampler_cfg.sigma_min,
                              sampler_cfg.sigma_max, sampler_cfg.rho)
-    print_sampling_time(denoiser, sampler_cfg, labels[:batch], num)
     xs = []
     t0 = time.time()
     for i in range(0, num, batch):
@@ -633,8 +625,7 @@ def generate(denoiser, sampler_cfg, num, device, seed, batch=1000):
         else:
             x = sample_ddim(D, x, sigmas, gen, stochastic=sampler_cfg.sampler == "ddim-stochastic")
         xs.append(x.cpu())
-        if i + len(y) < num:
-            print_progress(f"  sampled {i + len(y)}/{num}", i + len(y), num, time.time() - t0)
+        print_progress(f"  sampled {i + len(y)}/{num}", i + len(y), num, time.time() - t0)
     x = torch.cat(xs).permute(0, 2, 3, 1).clamp(-1, 1)
     x = ((x + 1) * 127.5).round().to(torch.uint8).numpy()
     return (x[..., 0] if x.shape[-1] == 1 else x), labels.cpu().numpy()
@@ -1172,28 +1163,6 @@ def save_outputs(out, x, y, cfg, sampler_cfg, report, times, n_train):
 
 
 # ------------------------------------------------------------------ progress, Ctrl-C, summary
-@contextlib.contextmanager
-def stop_requests():
-    """Ctrl-C or SIGTERM: finish and save the step, then stop; a second Ctrl-C stops at once."""
-    stop = {"requested": False}
-
-    def handle(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nstopping after this step (Ctrl-C again to stop at once) ...", flush=True)
-
-    try:
-        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: leave the handlers alone
-        old = {}
-    try:
-        yield stop
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def again_command(args, argv, out, t_start):
     """After Ctrl-C: the command again, with --resume or --overwrite where it needs one."""
     if args is None or out is None:
@@ -1221,20 +1190,6 @@ def print_progress(line, done, total, elapsed):
     """`line`, then the minutes so far and left at this rate (done, total: since the start)."""
     left = elapsed / done * (total - done)
     print(f"{line} | {elapsed / 60:5.1f} min, {left / 60:5.1f} min left", flush=True)
-
-
-@torch.no_grad()
-def print_sampling_time(denoiser, sampler_cfg, labels, num):
-    """The minutes sampling will take, from the time of one network call on a batch."""
-    t0 = time.time()
-    denoiser(torch.zeros((len(labels), *denoiser.img_shape), device=labels.device),
-             torch.ones(len(labels), device=labels.device), labels)
-    heun = sampler_cfg.sampler in ("churn", "heun")  # two calls per level, one on the last
-    calls = 2 * sampler_cfg.sample_steps - 1 if heun else sampler_cfg.sample_steps
-    calls *= 2 if sampler_cfg.guidance else 1
-    minutes = (time.time() - t0) * calls * math.ceil(num / len(labels)) / 60
-    print(f"  about {minutes:.1f} min at the speed of a first network call"
-          + ("; --num-samples or --sample-steps make it shorter" if minutes > 5 else ""))
 
 
 def print_summary(out, args, metrics, times):

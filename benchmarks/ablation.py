@@ -32,7 +32,7 @@ per-example gradients (K = 16 alone: ~2M, 40-65 min at the 520-830 per-example g
 of one core, depending on the machine), (b) 1 unit each; with (c) about an hour with --jobs 2 on a 2-core machine.
 Sweep: the `cpu` preset's model and sampler at batch 250 (q = 1/240) for 2 epochs = 480 steps
 (units of 120k per-example gradients: 1 + 4 + 4 per eps, 27 in all; 59 min with --jobs 2 on the
-2-core box); the K = 1 runs with 4x the steps train 1,920 steps (the `cpu` preset: 1,680). The
+2-core box); the K = 1 runs with 4x the steps train 1,920 steps (the `cpu` preset: 2,400). The
 paper's Table 1 (MNIST) is drawn beside as markers.
 Reduced runs: --ks, --batch, --epochs, --max-units (skip the most expensive (a) runs). A finished
 run (its metrics.json has accuracies) is reused: delete its folder to redo it. --script chooses
