@@ -244,7 +244,7 @@ def test_after_a_resume_the_summary_parts_add_up_to_its_total(run, tmp_path, mon
 
 def test_sampling_prints_the_time_left_after_its_first_batch(run, capsys):
     _, out = run
-    cfg, ema, _, _ = m.load_model_file(out / "model.pt", "cpu")
+    _, ema, _, _ = m.load_model_file(out / "model.pt", "cpu")
     capsys.readouterr()
     m.generate(ema, m.SamplerConfig(sample_steps=2), 30, "cpu", 0, batch=10)
     first = capsys.readouterr().out.splitlines()[0]

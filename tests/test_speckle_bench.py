@@ -37,6 +37,16 @@ def test_an_exact_denoiser_leaves_none(sp):
     assert rms == 0.0
 
 
+def test_only_background_pixels_count(sp):
+    """Exact on the background and wrong on the bar: no error; the reverse: all the noise."""
+    x0, y = images()
+    background = x0 == -1
+    rms, _ = sp.background_error(lambda x, s, y: torch.where(background, x0, x), x0, y, 0.5)
+    assert rms == 0.0
+    rms, _ = sp.background_error(lambda x, s, y: torch.where(background, x, x0), x0, y, 0.5)
+    assert rms == pytest.approx(0.5, rel=0.01)
+
+
 def test_sample_stats_count_dim_pixels_and_top_rows(sp):
     x = np.zeros((4, 28, 28), np.uint8)
     x[:, 0, :7] = 40     # a quarter of the first row: dim speckle
